@@ -1,0 +1,303 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need", written from its parts.
+
+One small class per concept of the paper. Shapes follow the legend in `model.config`:
+B batch, R hypothesis rows (B*K in beam search), S source length, T target length,
+D d_model, H heads, Dh head dim, V vocab.
+
+Two ways to run the decoder:
+- `forward(src, tgt_in)`: the whole target at once under a causal mask (training, scoring);
+- `encode` + `cross_kv` once per source, then `decode_step` once per generated token,
+  with a self-attention cache that grows by one position a step. This is the API the ONNX
+  exporter wraps; `decode_step` takes `cache_index` so beam reordering and the removal of
+  finished sentences are one gather on the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+KV = tuple[Tensor, Tensor]  # (keys, values), each (N, H, len, Dh)
+
+
+def sinusoidal_table(max_positions: int, d_model: int) -> Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). (P, D)"""
+    pos = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    div = torch.pow(10000.0, torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (D/2,)
+    table = torch.zeros(max_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos / div)
+    table[:, 1::2] = torch.cos(pos / div)
+    return table.float()
+
+
+def subsequent_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """(T, T) bool, True where query position i may attend key position j (j <= i)."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention.
+
+    q (N, H, Tq, Dh), k and v (N, H, Tk, Dh); mask bool broadcastable to (N, H, Tq, Tk), True
+    where attention is allowed. Returns (output (N, H, Tq, Dh), weights (N, H, Tq, Tk)); masked
+    keys get exactly zero weight. Every query must be allowed at least one key.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (N, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, v), weights
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def split(self, x: Tensor) -> Tensor:
+        """(N, T, D) -> (N, H, T, Dh)"""
+        n, t, _ = x.shape
+        return x.view(n, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def merge(self, x: Tensor) -> Tensor:
+        """(N, H, T, Dh) -> (N, T, D)"""
+        n, h, t, dh = x.shape
+        return x.transpose(1, 2).reshape(n, t, h * dh)
+
+    def project_kv(self, x: Tensor) -> KV:
+        """Keys and values of x (N, T, D), each (N, H, T, Dh)."""
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Queries from x (N, Tq, D) against k, v (N, H, Tk, Dh) -> (N, Tq, D)."""
+        q = self.split(self.q_proj(x))
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        return self.out_proj(self.merge(torch.matmul(weights, v)))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = W2 act(W1 x + b1) + b2."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.act(self.w1(x))))
+
+
+class SublayerConnection(nn.Module):
+    """Residual + LayerNorm around a sublayer: post-norm LN(x + f(x)) or pre-norm x + f(LN(x))."""
+
+    def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def inner(self, x: Tensor) -> Tensor:
+        """What the sublayer reads."""
+        return self.norm(x) if self.norm_first else x
+
+    def outer(self, x: Tensor, y: Tensor) -> Tensor:
+        """Combine the residual x with the sublayer's output y."""
+        out = x + self.dropout(y)
+        return out if self.norm_first else self.norm(out)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.sub1 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.sub2 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        """x (B, S, D); src_mask (B, 1, 1, S) bool."""
+        h = self.sub1.inner(x)
+        k, v = self.self_attn.project_kv(h)
+        x = self.sub1.outer(x, self.self_attn.attend(h, k, v, src_mask))
+        return self.sub2.outer(x, self.ff(self.sub2.inner(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.heads, cfg.attention_dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.sub1 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.sub2 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
+        self.sub3 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
+
+    def forward(
+        self, x: Tensor, cross: KV, src_mask: Tensor, self_mask: Tensor | None, past: KV | None
+    ) -> tuple[Tensor, KV]:
+        """One decoder layer.
+
+        x (R, Tq, D) with the new positions; past self-attention K/V (R, H, Tp, Dh) or None;
+        self_mask bool broadcastable to (R, H, Tq, Tp+Tq) or None (no future key present).
+        cross K/V are (B, H, S, Dh) with R = B*K: the K rows of a sentence are consecutive and
+        are attended as K extra query positions of that sentence, so cross K/V are never copied
+        per beam. src_mask (B, 1, 1, S). Returns (x, present self K/V (R, H, Tp+Tq, Dh)).
+        """
+        h = self.sub1.inner(x)
+        k, v = self.self_attn.project_kv(h)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = self.sub1.outer(x, self.self_attn.attend(h, k, v, self_mask))
+
+        r, tq, d = x.shape
+        b = cross[0].size(0)
+        h = self.sub2.inner(x).reshape(b, -1, d)  # (B, K*Tq, D)
+        y = self.cross_attn.attend(h, cross[0], cross[1], src_mask).reshape(r, tq, d)
+        x = self.sub2.outer(x, y)
+        return self.sub3.outer(x, self.ff(self.sub3.inner(x))), (k, v)
+
+
+class Embeddings(nn.Module):
+    """Token embedding scaled by sqrt(D) plus positional encoding, then dropout."""
+
+    def __init__(self, cfg: ModelConfig, token: nn.Embedding) -> None:
+        super().__init__()
+        self.token = token
+        self.scale = math.sqrt(cfg.d_model)
+        self.learned = cfg.positional == "learned"
+        if self.learned:
+            self.pos = nn.Embedding(cfg.max_positions, cfg.d_model)
+            nn.init.normal_(self.pos.weight, std=cfg.d_model**-0.5)
+        else:
+            self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def positional(self, positions: Tensor) -> Tensor:
+        """positions int64 (...,) -> (..., D)"""
+        return self.pos(positions) if self.learned else self.pe[positions]
+
+    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids (N, T), positions (N, T) or (T,) -> (N, T, D)"""
+        return self.dropout(self.token(ids) * self.scale + self.positional(positions))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, v = cfg.d_model, cfg.vocab_size
+        src_tok = nn.Embedding(v, d, padding_idx=cfg.pad_id)
+        tgt_tok = src_tok if cfg.tie_embeddings else nn.Embedding(v, d, padding_idx=cfg.pad_id)
+        self.src_embed = Embeddings(cfg, src_tok)
+        self.tgt_embed = Embeddings(cfg, tgt_tok)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalized.
+        self.encoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.generator = None if cfg.tie_embeddings else nn.Linear(d, v, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        for emb in {self.src_embed.token, self.tgt_embed.token}:
+            nn.init.normal_(emb.weight, std=self.cfg.d_model**-0.5)
+            with torch.no_grad():
+                emb.weight[self.cfg.pad_id].zero_()
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def src_padding_mask(self, src: Tensor) -> Tensor:
+        """src (B, S) -> (B, 1, 1, S) bool, True at real tokens."""
+        return (src != self.cfg.pad_id)[:, None, None, :]
+
+    def encode(self, src: Tensor) -> Tensor:
+        """src (B, S) -> memory (B, S, D)."""
+        mask = self.src_padding_mask(src)
+        x = self.src_embed(src, torch.arange(src.size(1), device=src.device))
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def cross_kv(self, memory: Tensor) -> list[KV]:
+        """Per decoder layer, the cross-attention K/V of memory (B, S, D): (B, H, S, Dh) each."""
+        return [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., V)"""
+        if self.generator is None:
+            return F.linear(x, self.tgt_embed.token.weight)
+        return self.generator(x)
+
+    # -- whole sequences (training) ---------------------------------------------------------
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """src (B, S), tgt_in (B, T) starting with bos -> logits (B, T, V)."""
+        src_mask = self.src_padding_mask(src)
+        cross = self.cross_kv(self.encode(src))
+        t = tgt_in.size(1)
+        x = self.tgt_embed(tgt_in, torch.arange(t, device=tgt_in.device))
+        causal = subsequent_mask(t, tgt_in.device)[None, None]  # (1, 1, T, T)
+        for layer, kv in zip(self.decoder_layers, cross, strict=True):
+            x, _ = layer(x, kv, src_mask, causal, None)
+        return self.logits(self.decoder_norm(x))
+
+    # -- one step (incremental decoding) ----------------------------------------------------
+
+    def decode_step(
+        self,
+        input_ids: Tensor,
+        position: Tensor,
+        src_mask: Tensor,
+        cross: list[KV],
+        past: list[KV],
+        cache_index: Tensor,
+    ) -> tuple[Tensor, list[KV]]:
+        """Log-probs of the next token for every live hypothesis row.
+
+        input_ids (R, 1) the last token of each row; position (R,) its position (0 for bos);
+        src_mask (B, S) bool, True at real source tokens; cross: per layer K/V (B, H, S, Dh) of
+        the live sentences, whose rows are R = B*K consecutive; past: per layer self K/V
+        (R_prev, H, Tp, Dh) of the previous step (Tp may be 0); cache_index (R,) int64: row r
+        continues row cache_index[r] of the previous step.
+        Returns (log_probs (R, V), present: per layer self K/V (R, H, Tp+1, Dh)).
+        """
+        x = self.tgt_embed(input_ids, position[:, None])  # (R, 1, D)
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        present: list[KV] = []
+        for layer, kv, (pk, pv) in zip(self.decoder_layers, cross, past, strict=True):
+            pk, pv = pk.index_select(0, cache_index), pv.index_select(0, cache_index)
+            x, new = layer(x, kv, mask, None, (pk, pv))
+            present.append(new)
+        logits = self.logits(self.decoder_norm(x[:, -1]))  # (R, V)
+        return torch.log_softmax(logits.float(), dim=-1), present
+
+    def empty_cache(self, rows: int, device: torch.device | None = None) -> list[KV]:
+        """Per layer a zero-length self-attention cache (rows, H, 0, Dh)."""
+        shape = (rows, self.cfg.heads, 0, self.cfg.head_dim)
+        return [
+            (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+            for _ in self.decoder_layers
+        ]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
