@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ENV_PREFIX = "ROSETTA_"
+SUBCOMMAND_MODULES = ("export.cli", "service.engine_cli", "service.server_cli")
 
 
 def _parse_bool(text: str) -> bool:
@@ -119,6 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     add_dataclass_flags(p, DecodingOptions)
     p.set_defaults(func=_cmd_evaluate)
+
+    # Subcommands owned by other parts of the codebase: each module has register(subparsers)
+    # and must not import torch at import time.
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # part not built yet
+            if err.name != name:
+                raise
+            continue
+        module.register(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
