@@ -1,0 +1,128 @@
+"""Prometheus metrics of one server instance, on their own HTTP port at /metrics.
+
+Every instance owns a `CollectorRegistry`, so several servers can live in one process (the tests start
+many). The names below are a contract with deploy/ (recording rules, alerts, Grafana dashboard):
+rename none of them. Latencies are in seconds, sizes in sentences or tokens (base units).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ENCODER_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SENTENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class ServerMetrics:
+    """All metric families of one server; labels: `model` is the loaded model's name (or "unknown"
+    for a request naming no loaded model), `code` the gRPC status name (OK, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "rosetta_request_duration_seconds", "Time from arrival to response of a Translate/TranslateStream call.",
+            ["model", "code"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "rosetta_requests", "Translate/TranslateStream calls answered, by gRPC status.",
+            ["model", "code"], registry=r)
+        self.queue_wait = Histogram(
+            "rosetta_queue_wait_seconds", "Time a sentence waited in the scheduler queue before its batch ran.",
+            ["model"], buckets=QUEUE_BUCKETS_S, registry=r)
+        self.encoder_duration = Histogram(
+            "rosetta_encoder_duration_seconds", "Encoder session run time, once per engine batch.",
+            ["model"], buckets=ENCODER_BUCKETS_S, registry=r)
+        self.decoder_step_duration = Histogram(
+            "rosetta_decoder_step_duration_seconds", "Decoder session run time of one beam-search step.",
+            ["model"], buckets=STEP_BUCKETS_S, registry=r)
+        self.batch_size_sentences = Histogram(
+            "rosetta_batch_size_sentences", "Sentences per engine batch.",
+            ["model"], buckets=SENTENCE_BUCKETS, registry=r)
+        self.batch_size_tokens = Histogram(
+            "rosetta_batch_size_tokens", "Padded source tokens per engine batch (sentences x longest, eos included).",
+            ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_padding_ratio = Histogram(
+            "rosetta_batch_padding_ratio", "Share of an engine batch's source tokens that are padding.",
+            ["model"], buckets=RATIO_BUCKETS, registry=r)
+        self.input_tokens = Counter(
+            "rosetta_input_tokens", "Source subword tokens translated (eos excluded).", ["model"], registry=r)
+        self.output_tokens = Counter(
+            "rosetta_output_tokens", "Target subword tokens generated, best hypotheses (eos excluded).",
+            ["model"], registry=r)
+        self.requests_in_flight = Gauge(
+            "rosetta_requests_in_flight", "Translate/TranslateStream calls being served now.", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "rosetta_queue_depth_sentences", "Sentences waiting in the scheduler queue.", ["model"], registry=r)
+        self.queue_capacity = Gauge(
+            "rosetta_queue_capacity_sentences", "Scheduler queue capacity (max_queue_sentences).",
+            ["model"], registry=r)
+        self.dropped_sentences = Counter(
+            "rosetta_dropped_sentences", "Queued sentences removed before compute (deadline passed or call cancelled).",
+            ["model", "reason"], registry=r)
+        self.model_info = Gauge(
+            "rosetta_model_info", "A loaded model (always 1).",
+            ["model", "version", "precision", "provider", "source_lang", "target_lang"], registry=r)
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def model(self, name: str) -> ModelMetrics:
+        """The per-model view handed to that model's scheduler and engine observer."""
+        return ModelMetrics(self, name)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP listener on a daemon thread; returns the bound port (port 0: a free one)."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP listener, if started."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Metrics bound to one model: the scheduler records batches and queue state through it, and it is the
+    engine's `observer` (on_encoder / on_decoder_step are called from executor threads; prometheus-client
+    is thread-safe)."""
+
+    metrics: ServerMetrics
+    model: str
+
+    def on_encoder(self, seconds: float) -> None:
+        self.metrics.encoder_duration.labels(self.model).observe(seconds)
+
+    def on_decoder_step(self, seconds: float, rows: int) -> None:
+        del rows  # rows per step is visible through batch size; kept in the signature for the engine
+        self.metrics.decoder_step_duration.labels(self.model).observe(seconds)
+
+    def on_batch(self, sentences: int, real_tokens: int, padded_tokens: int) -> None:
+        m = self.metrics
+        m.batch_size_sentences.labels(self.model).observe(sentences)
+        m.batch_size_tokens.labels(self.model).observe(padded_tokens)
+        m.batch_padding_ratio.labels(self.model).observe(1.0 - real_tokens / padded_tokens if padded_tokens else 0.0)
+
+    def on_queue_wait(self, seconds: float) -> None:
+        self.metrics.queue_wait.labels(self.model).observe(seconds)
+
+    def on_tokens(self, input_tokens: int, output_tokens: int) -> None:
+        self.metrics.input_tokens.labels(self.model).inc(input_tokens)
+        self.metrics.output_tokens.labels(self.model).inc(output_tokens)
+
+    def on_dropped(self, reason: str, sentences: int = 1) -> None:
+        self.metrics.dropped_sentences.labels(self.model, reason).inc(sentences)
+
+    def set_queue(self, depth: int, capacity: int) -> None:
+        self.metrics.queue_depth.labels(self.model).set(depth)
+        self.metrics.queue_capacity.labels(self.model).set(capacity)

@@ -1,0 +1,342 @@
+"""The batching scheduler: sentences from many calls -> engine batches -> results back to each caller.
+
+One `Scheduler` per loaded model owns that model's engine runners. Calls `submit` tokenized sentences with
+their `DecodingOptions` and get one future per sentence. A dispatcher task on the event loop forms batches
+and hands each to a free runner on an executor thread, so the event loop never blocks on compute:
+
+    submit() -> queue (per DecodingOptions) -> _next_batch() -> runner(sources, options) in a thread
+             -> futures resolved on the event loop -> the caller awaiting them
+
+Batching rules
+- Only sentences with equal DecodingOptions share a batch (the engine takes one options value per batch).
+- A batch is capped by `max_batch_sentences` and by `max_batch_tokens` padded source tokens (sentences x
+  longest, eos included); it is formed when it is full or when its oldest sentence has waited `max_wait_ms`.
+- Every batch contains the oldest queued sentence of its options group (no starvation); the rest are the
+  queued sentences closest to it in length, and the batch is sorted by length, which keeps padding low.
+- The queue is bounded by `max_queue_sentences`: a submit that does not fit raises QueueFull at once.
+- Sentences whose deadline passed are dropped before compute (DeadlineExceeded); a cancelled ticket's
+  queued sentences are removed at once. Sentences already in a running batch finish and are discarded.
+- A runner that raises fails only the sentences of that batch (EngineFailure); the scheduler keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
+from service.options import DecodingOptions
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+BatchRunner = Callable[[list[list[int]], DecodingOptions], Sequence[R]]
+"""Runs one batch: sources (token ids without eos, sorted by length) -> one result per source, in order.
+Called on an executor thread; each runner runs one batch at a time."""
+
+
+class SchedulerObserver(Protocol):
+    """Where the scheduler reports (service.metrics.ModelMetrics implements it)."""
+
+    def on_batch(self, sentences: int, real_tokens: int, padded_tokens: int) -> None: ...
+    def on_queue_wait(self, seconds: float) -> None: ...
+    def on_dropped(self, reason: str, sentences: int = 1) -> None: ...
+    def set_queue(self, depth: int, capacity: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_sentences: int = 64  # sentences per engine batch
+    max_batch_tokens: int = 4096  # padded source tokens per batch, eos included
+    max_wait_ms: float = 5.0  # longest wait of the oldest sentence for a fuller batch
+    max_queue_sentences: int = 2048  # queued (not yet running) sentences; beyond it QueueFull
+
+    def __post_init__(self) -> None:
+        if self.max_batch_sentences < 1 or self.max_batch_tokens < 1 or self.max_queue_sentences < 1:
+            raise ValueError("max_batch_sentences, max_batch_tokens and max_queue_sentences must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+@dataclass(frozen=True)
+class SentenceOutput(Generic[R]):
+    """What one sentence's future resolves to."""
+
+    result: R
+    queue_wait_s: float  # from submit to the start of its batch
+    compute_s: float  # run time of its batch
+    batch_sentences: int  # size of its batch
+
+
+@dataclass(eq=False)
+class _Item:
+    ids: list[int]
+    options: DecodingOptions
+    ticket: Ticket
+    enqueued_at: float
+    future: asyncio.Future[SentenceOutput]  # type: ignore[type-arg]
+    seq: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids) + 1  # the engine appends eos
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submit: `futures[i]` resolves to the SentenceOutput of `sources[i]` (or raises a ServiceError)."""
+
+    futures: list[asyncio.Future[SentenceOutput]]  # type: ignore[type-arg]
+    deadline: float | None  # time.monotonic() value; None: no deadline
+    _scheduler: Scheduler | None = field(default=None, repr=False)
+
+    def cancel(self) -> int:
+        """Remove this ticket's still-queued sentences and cancel their futures; returns how many were
+        removed. Safe to call any number of times, also after every future is done."""
+        return self._scheduler._cancel(self) if self._scheduler is not None else 0
+
+
+class Scheduler:
+    """Batches the sentences of many calls for one model. Create and use it on one event loop:
+    `start()` before the first submit, `await close()` at the end."""
+
+    def __init__(self, runners: Sequence[BatchRunner], config: SchedulerConfig = SchedulerConfig(),
+                 observer: SchedulerObserver | None = None, name: str = "model") -> None:
+        if not runners:
+            raise ValueError("a scheduler needs at least one runner")
+        self.config = config
+        self.name = name
+        self._runners = list(runners)
+        self._free: list[BatchRunner] = list(runners)
+        self._observer = observer
+        self._groups: dict[DecodingOptions, list[_Item]] = {}
+        self._queued = 0
+        self._seq = itertools.count()
+        self._running: set[asyncio.Task[None]] = set()
+        self._changed: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"engine-{name}")
+        self._closed = False
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    @property
+    def queued_sentences(self) -> int:
+        return self._queued
+
+    @property
+    def workers(self) -> int:
+        return len(self._runners)
+
+    def start(self) -> None:
+        """Start the dispatcher task on the running event loop."""
+        self._changed = asyncio.Event()
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"scheduler-{self.name}")
+        self._report_queue()
+
+    def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None) -> Ticket:
+        """Queue `sources` (token ids without eos) for decoding with `options`.
+
+        Raises QueueFull (nothing queued) when they do not fit, Unavailable after close(), and
+        DeadlineExceeded when `deadline` (time.monotonic()) has already passed."""
+        if self._closed or self._changed is None:
+            raise Unavailable("the scheduler is not running")
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        cap = self.config.max_queue_sentences
+        if self._queued + len(sources) > cap:
+            raise QueueFull(f"queue full: {self._queued} sentences queued, the request adds {len(sources)}, "
+                            f"max_queue_sentences={cap}; retry later")
+        loop = asyncio.get_running_loop()
+        ticket = Ticket([], deadline, self)
+        group = self._groups.setdefault(options, [])
+        for ids in sources:
+            fut: asyncio.Future[SentenceOutput] = loop.create_future()  # type: ignore[type-arg]
+            ticket.futures.append(fut)
+            group.append(_Item(list(ids), options, ticket, now, fut, next(self._seq)))
+        self._queued += len(sources)
+        self._report_queue()
+        self._changed.set()
+        return ticket
+
+    async def close(self) -> None:
+        """Fail every queued sentence (Unavailable), wait for running batches, stop the executor."""
+        self._closed = True
+        for group in self._groups.values():
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(Unavailable("server is shutting down"))
+        self._groups.clear()
+        self._queued = 0
+        self._report_queue()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _report_queue(self) -> None:
+        if self._observer is not None:
+            self._observer.set_queue(self._queued, self.config.max_queue_sentences)
+
+    def _cancel(self, ticket: Ticket) -> int:
+        removed = 0
+        for options, group in list(self._groups.items()):
+            keep = [it for it in group if it.ticket is not ticket]
+            removed += len(group) - len(keep)
+            if keep:
+                self._groups[options] = keep
+            else:
+                del self._groups[options]
+        for fut in ticket.futures:
+            fut.cancel()
+        if removed:
+            self._queued -= removed
+            reason = "deadline" if ticket.deadline is not None and time.monotonic() >= ticket.deadline else "cancelled"
+            if self._observer is not None:
+                self._observer.on_dropped(reason, removed)
+            self._report_queue()
+            if self._changed is not None:
+                self._changed.set()
+        return removed
+
+    def _drop_expired(self, now: float) -> None:
+        """Fail queued sentences whose deadline passed or whose future is already done (cancelled)."""
+        expired = 0
+        for options, group in list(self._groups.items()):
+            keep: list[_Item] = []
+            for it in group:
+                if it.future.done():
+                    continue
+                if it.ticket.deadline is not None and now >= it.ticket.deadline:
+                    it.future.set_exception(DeadlineExceeded("deadline passed while the sentence was queued"))
+                    expired += 1
+                    continue
+                keep.append(it)
+            self._queued -= len(group) - len(keep)
+            if keep:
+                self._groups[options] = keep
+            else:
+                del self._groups[options]
+        if expired and self._observer is not None:
+            self._observer.on_dropped("deadline", expired)
+        self._report_queue()
+
+    def _is_full(self, group: list[_Item]) -> bool:
+        if len(group) >= self.config.max_batch_sentences:
+            return True
+        longest = max(it.tokens for it in group)
+        return len(group) * longest >= self.config.max_batch_tokens
+
+    def _next_due(self, now: float) -> tuple[DecodingOptions | None, float]:
+        """The options group to run now (ready group with the oldest sentence), else None and the time
+        at which the earliest group becomes ready by age."""
+        wait_s = self.config.max_wait_ms / 1000.0
+        best: DecodingOptions | None = None
+        best_seq = -1
+        due_at = float("inf")
+        for options, group in self._groups.items():
+            oldest = group[0]
+            ready_at = oldest.enqueued_at + wait_s
+            if ready_at <= now or self._is_full(group):
+                if best is None or oldest.seq < best_seq:
+                    best, best_seq = options, oldest.seq
+            else:
+                due_at = min(due_at, ready_at)
+        return best, due_at
+
+    def _take_batch(self, options: DecodingOptions) -> list[_Item]:
+        """Remove and return the next batch of `options`: its oldest sentence plus the queued sentences
+        closest to it in length, within both caps, sorted by length."""
+        group = self._groups[options]
+        oldest = group[0]
+        by_len = sorted(group, key=lambda it: (len(it.ids), it.seq))
+        pos = by_len.index(oldest)
+        lo, hi = pos, pos + 1  # the window by_len[lo:hi]
+        longest = oldest.tokens
+        cfg = self.config
+        while hi - lo < cfg.max_batch_sentences:
+            candidates = []  # (distance in length from the oldest, side, item); the left side first on ties
+            if lo > 0:
+                candidates.append((len(oldest.ids) - len(by_len[lo - 1].ids), 0, by_len[lo - 1]))
+            if hi < len(by_len):
+                candidates.append((len(by_len[hi].ids) - len(oldest.ids), 1, by_len[hi]))
+            for _, side, cand in sorted(candidates, key=lambda c: (c[0], c[1])):
+                if (hi - lo + 1) * max(longest, cand.tokens) <= cfg.max_batch_tokens:
+                    longest = max(longest, cand.tokens)
+                    lo, hi = (lo - 1, hi) if side == 0 else (lo, hi + 1)
+                    break
+            else:
+                break  # nothing left, or nothing that fits the token cap
+        batch = by_len[lo:hi]
+        chosen = set(map(id, batch))
+        rest = [it for it in group if id(it) not in chosen]
+        if rest:
+            self._groups[options] = rest
+        else:
+            del self._groups[options]
+        self._queued -= len(batch)
+        self._report_queue()
+        return batch
+
+    async def _dispatch_loop(self) -> None:
+        assert self._changed is not None
+        while True:
+            self._changed.clear()
+            if not self._groups or not self._free:
+                await self._changed.wait()
+                continue
+            now = time.monotonic()
+            self._drop_expired(now)
+            options, due_at = self._next_due(now)
+            if options is None:
+                if due_at != float("inf"):
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), timeout=max(due_at - now, 0.0))
+                    except asyncio.TimeoutError:
+                        pass
+                continue
+            batch = self._take_batch(options)
+            runner = self._free.pop()
+            task = asyncio.get_running_loop().create_task(self._run(runner, options, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, runner: BatchRunner, options: DecodingOptions, batch: list[_Item]) -> None:
+        try:
+            start = time.monotonic()
+            sources = [it.ids for it in batch]
+            if self._observer is not None:
+                for it in batch:
+                    self._observer.on_queue_wait(start - it.enqueued_at)
+                self._observer.on_batch(len(batch), sum(it.tokens for it in batch), len(batch) * batch[-1].tokens)
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(self._executor, runner, sources, options)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} sources")
+            except Exception as err:
+                log.exception("engine failed on a batch of %d sentences (%s)", len(batch), self.name)
+                failure = EngineFailure(f"the engine failed on this request's batch: {type(err).__name__}: {err}")
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(failure)
+                return
+            compute_s = time.monotonic() - start
+            for it, result in zip(batch, results, strict=True):
+                if not it.future.done():
+                    it.future.set_result(SentenceOutput(result, start - it.enqueued_at, compute_s, len(batch)))
+        finally:
+            self._free.append(runner)
+            if self._changed is not None:
+                self._changed.set()
