@@ -61,6 +61,10 @@ def present_v(i: int) -> str:
 
 Dim = int | str
 
+# Symbolic dims a loaded graph may report as fixed numbers: ONNX Runtime infers vocab from the
+# output projection's weight, and an exporter may pin k; neither limits what the engine can feed.
+MAY_BE_FIXED = frozenset({"vocab", "k"})
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -145,7 +149,7 @@ def _compare(kind: str, expected: Sequence[TensorSpec], actual: Iterable[TensorS
             # A fixed dim must match exactly; a symbolic one must not be pinned to a number.
             if isinstance(wd, int) and isinstance(gd, int) and wd != gd:
                 problems.append(f"{kind} {name!r} axis {axis} is {gd}, expected {wd}")
-            if isinstance(wd, str) and isinstance(gd, int) and wd not in ("k",):
+            if isinstance(wd, str) and isinstance(gd, int) and wd not in MAY_BE_FIXED:
                 problems.append(f"{kind} {name!r} axis {axis} is fixed to {gd}, expected dynamic {wd!r}")
     return sorted(problems)
 
@@ -156,3 +160,81 @@ def check_graph(graph_name: str, expected: GraphSignature, inputs: Iterable[Tens
     problems = _compare("input", expected.inputs, inputs) + _compare("output", expected.outputs, outputs)
     if problems:
         raise SignatureMismatch(f"{graph_name} does not match signature v{SIGNATURE_VERSION}: " + "; ".join(problems))
+
+
+# -- reading a graph's declared inputs/outputs (torch-free) -------------------------------------
+
+# ONNX TensorProto element types, by number, as the names used in TensorSpec.dtype.
+ONNX_ELEM_TYPES: dict[int, str] = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
+# onnxruntime NodeArg.type strings, as the names used in TensorSpec.dtype.
+ORT_TYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def _dim(value: object) -> Dim:
+    """An ORT/ONNX dim as a TensorSpec dim: int when fixed, else its symbolic name ("?" if unnamed)."""
+    if isinstance(value, int):
+        return value
+    return str(value) if value else "?"
+
+
+def specs_from_session(session: object) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of an `onnxruntime.InferenceSession` as TensorSpecs.
+
+    Duck-typed on `get_inputs()` / `get_outputs()` so this module never imports onnxruntime.
+    """
+
+    def convert(args: Iterable[object]) -> tuple[TensorSpec, ...]:
+        out = []
+        for a in args:
+            kind = str(a.type)  # type: ignore[attr-defined]
+            dims = tuple(_dim(d) for d in (a.shape or ()))  # type: ignore[attr-defined]
+            out.append(TensorSpec(str(a.name), ORT_TYPES.get(kind, kind), dims))  # type: ignore[attr-defined]
+        return tuple(out)
+
+    return convert(session.get_inputs()), convert(session.get_outputs())  # type: ignore[attr-defined]
+
+
+def specs_from_onnx(model: object) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) declared by an ONNX model: a path, or an `onnx.ModelProto`.
+
+    Needs the `onnx` package (export side); the engine uses `specs_from_session` instead.
+    Initializers listed as graph inputs (old exporters) are not inputs a caller feeds, so skipped.
+    """
+    if not hasattr(model, "graph"):
+        import onnx  # lazy: not part of the serving image
+
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph  # type: ignore[attr-defined]
+    initializers = {t.name for t in graph.initializer}
+
+    def convert(values: Iterable[object]) -> tuple[TensorSpec, ...]:
+        out = []
+        for v in values:
+            if v.name in initializers:  # type: ignore[attr-defined]
+                continue
+            tt = v.type.tensor_type  # type: ignore[attr-defined]
+            dims = tuple(_dim(d.dim_value if d.HasField("dim_value") else d.dim_param) for d in tt.shape.dim)
+            name = ONNX_ELEM_TYPES.get(tt.elem_type, f"onnx_type_{tt.elem_type}")
+            out.append(TensorSpec(str(v.name), name, dims))  # type: ignore[attr-defined]
+        return tuple(out)
+
+    return convert(graph.input), convert(graph.output)
+
+
+def check_session(graph_name: str, expected: GraphSignature, session: object) -> None:
+    """`check_graph` on a loaded onnxruntime session; raises SignatureMismatch."""
+    inputs, outputs = specs_from_session(session)
+    check_graph(graph_name, expected, inputs, outputs)
+
+
+def check_onnx(graph_name: str, expected: GraphSignature, model: object) -> None:
+    """`check_graph` on an ONNX file or ModelProto; raises SignatureMismatch."""
+    inputs, outputs = specs_from_onnx(model)
+    check_graph(graph_name, expected, inputs, outputs)

@@ -26,3 +26,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) ->
     from model.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository_entry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """`tiny_checkpoint` exported to an fp32 model-repository entry folder (.../model_repository/tiny/1).
+
+    Holds encoder.onnx, decoder.onnx, tokenizer.json and manifest.json (see export/manifest.py).
+    """
+    pytest.importorskip("onnx")
+    from export.api import export_entry
+
+    return export_entry(tiny_checkpoint, tmp_path_factory.mktemp("model_repository") / "tiny" / "1")

@@ -1,0 +1,141 @@
+"""Export a checkpoint into one model-repository entry: `export_entry(checkpoint, out)`.
+
+An entry is a folder `model_repository/NAME/VERSION/` holding encoder.onnx, decoder.onnx,
+tokenizer.json and manifest.json (see export/manifest.py). Each precision is its own entry,
+by convention its own NAME: `de-en/1` (fp32), `de-en-fp16/1`, `de-en-int8/1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from export.manifest import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    PRECISIONS,
+    TOKENIZER_FILE,
+    library_versions,
+    read_manifest,
+    write_manifest,
+)
+from service import signature as sig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How one entry is exported. Built by the CLI (flags with ROSETTA_ env twins) or by callers."""
+
+    precision: str = "fp32"  # "fp32", "fp16" (K/V and weights half; log_probs stay fp32) or "int8" (dynamic)
+    name: str = ""  # entry name in the manifest; "" takes the parent folder's name (model_repository/NAME/..)
+    version: str = ""  # entry version; "" takes the output folder's name (model_repository/NAME/VERSION)
+    source_lang: str = "de"
+    target_lang: str = "en"
+    optimize: bool = False  # apply ONNX Runtime's transformer fusions before saving (see export/optimize.py)
+    check: bool = False  # run the parity check against PyTorch after export; raise ParityError on failure
+    evaluate_dir: str = ""  # Multi30k folder: if set, measure BLEU on test_2016_flickr into the manifest
+    evaluate_sentences: int = 0  # evaluate on the first N test sentences (0: all 1000)
+    reference_entry: str = ""  # an fp32 entry to compare quality against ("vs_fp32"); "" when none
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig | None = None,
+                 **overrides: Any) -> Path:
+    """Export `checkpoint` (model.safetensors + config.json + tokenizer.json) into the folder `out`.
+
+    `overrides` are ExportConfig fields (e.g. precision="int8"). Writes encoder.onnx, decoder.onnx,
+    tokenizer.json and manifest.json (files replaced if present) and returns `out` as a Path.
+    Raises export.parity.ParityError when config.check is set and the graphs disagree with PyTorch,
+    and service.signature.SignatureMismatch if a graph does not match the signature.
+    """
+    import torch
+
+    from export.graphs import OPSET, export_decoder, export_encoder, signatures
+    from model.checkpoint import load_checkpoint
+
+    cfg = ExportConfig(**{**(config.__dict__ if config else {}), **overrides})
+    checkpoint, out = Path(checkpoint), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, _ = load_checkpoint(checkpoint)
+    float_dtype = "float16" if cfg.precision == "fp16" else "float32"
+    if cfg.precision == "fp16":
+        model = model.half()
+    with torch.no_grad():
+        encoder, decoder = export_encoder(model, float_dtype), export_decoder(model, float_dtype)
+    log.info("traced %s graphs in %.1fs", cfg.precision, time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory(prefix="rosetta-export-") as tmp:
+        enc_path, dec_path = Path(tmp) / ENCODER_FILE, Path(tmp) / DECODER_FILE
+        onnx.save(encoder, str(enc_path))
+        onnx.save(decoder, str(dec_path))
+        if cfg.optimize:
+            from export.optimize import optimize_graph
+
+            heads, d_model = model.cfg.heads, model.cfg.d_model
+            optimize_graph(enc_path, enc_path, heads, d_model, fp16=cfg.precision == "fp16")
+            optimize_graph(dec_path, dec_path, heads, d_model, fp16=cfg.precision == "fp16")
+        if cfg.precision == "int8":
+            from export.optimize import quantize_int8
+
+            quantize_int8(enc_path, enc_path)
+            quantize_int8(dec_path, dec_path)
+        enc_spec, dec_spec = signatures(model, float_dtype)
+        sig.check_onnx(ENCODER_FILE, enc_spec, enc_path)
+        sig.check_onnx(DECODER_FILE, dec_spec, dec_path)
+        shutil.copyfile(enc_path, out / ENCODER_FILE)
+        shutil.copyfile(dec_path, out / DECODER_FILE)
+    shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+
+    mc = model.cfg
+    manifest: dict[str, Any] = {
+        "signature_version": sig.SIGNATURE_VERSION,
+        "name": cfg.name or out.parent.name,
+        "version": cfg.version or out.name,
+        "precision": cfg.precision,
+        "source_lang": cfg.source_lang,
+        "target_lang": cfg.target_lang,
+        "opset": OPSET,
+        "model_config": mc.to_dict(),
+        "special_ids": {"pad": mc.pad_id, "bos": mc.bos_id, "eos": mc.eos_id, "unk": mc.unk_id},
+        "graphs": {
+            "encoder": {"file": ENCODER_FILE, **enc_spec.to_dict()},
+            "decoder": {"file": DECODER_FILE, **dec_spec.to_dict()},
+        },
+        "library_versions": library_versions(),
+        "optimized": cfg.optimize,
+        "quality": {},
+        "export_seconds": 0.0,
+    }
+    write_manifest(out, manifest)  # the parity check and evaluation read the entry back
+
+    if cfg.check:
+        from export.parity import check_entry
+
+        report = check_entry(out, checkpoint)
+        manifest["parity"] = report.to_dict()
+    if cfg.evaluate_dir:
+        from export.evaluate import evaluate_entry
+
+        manifest["quality"] = evaluate_entry(out, Path(cfg.evaluate_dir), cfg, cfg.evaluate_sentences)
+    manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+    write_manifest(out, manifest)
+    log.info("exported %s entry %s in %.1fs", cfg.precision, out, manifest["export_seconds"])
+    return out
+
+
+def load_manifest(entry: str | Path) -> dict[str, Any]:
+    """The manifest of an exported entry."""
+    return read_manifest(Path(entry))

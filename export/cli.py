@@ -1,0 +1,52 @@
+"""`rosetta export CHECKPOINT --out model_repository/NAME/VERSION`: registered by service/cli.py.
+
+Imports nothing heavy at import time (torch, onnx load inside the handler), so `rosetta serve`
+never pays for the export side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the `export` subcommand to the `rosetta` parser."""
+    from export.api import ExportConfig  # torch-free
+    from service.cli import add_dataclass_flags
+
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (encoder.onnx + decoder.onnx + manifest) (needs the train extra)",
+        description="Write one model-repository entry. Each precision is its own entry, e.g. "
+        "model_repository/de-en/1 (fp32), model_repository/de-en-int8/1 (int8), model_repository/de-en-fp16/1.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    p.add_argument("--out", required=True, help="entry folder, model_repository/NAME/VERSION")
+    add_dataclass_flags(p, ExportConfig)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.api import ExportConfig, export_entry
+    from export.parity import ParityError
+    from service.cli import build_dataclass
+    from service.signature import SignatureMismatch
+
+    cfg: ExportConfig = build_dataclass(ExportConfig, args)
+    try:
+        out = export_entry(args.checkpoint, args.out, cfg)
+    except (ParityError, SignatureMismatch) as err:
+        print(f"\nEXPORT CHECK FAILED: {err}\n", file=sys.stderr)
+        return 1
+    from export.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    summary = {k: manifest.get(k) for k in ("name", "version", "precision", "export_seconds", "quality", "parity")}
+    print(json.dumps({"entry": str(out), **summary}, indent=2))
+    return 0

@@ -1,0 +1,232 @@
+"""Parity between the exported graphs (ONNX Runtime) and the PyTorch model: the export contract.
+
+Checks, each returning the largest absolute difference it saw:
+- `greedy_parity`: a padded batch of real sentences of different lengths, decoded greedily for
+  30 steps in lockstep (both sides fed the same tokens, PyTorch's argmax); ORT log-probs must
+  match PyTorch at every step within 1e-4 (fp32). top-k outputs must equal the top-k of log_probs.
+- `padding_invariance`: each sentence decoded alone and inside the padded batch gives the same
+  ORT log-probs (1e-5).
+- `reorder_parity`: a beam batch (K rows per sentence) stepped once, then stepped again with a
+  `cache_index` that reorders beams and drops a finished sentence: ORT equals PyTorch given the
+  same reordering (fp32 tolerance), and the in-graph gather equals gathering on the host exactly.
+- Signature mismatches are caught when the graphs are loaded (`OrtGraphs` -> check_session).
+
+`check_entry` runs them all and raises ParityError with every failure named.
+Shapes: B batch, K beams, R rows, S source length, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.ort_graphs import OrtGraphs
+from model.checkpoint import load_checkpoint
+from model.transformer import KV, Transformer
+from service.tokenizer import Tokenizer
+
+# Real source sentences of different lengths (Multi30k-style German), so the batch is padded.
+SENTENCES = (
+    "Ein Hund rennt.",
+    "Zwei junge Männer stehen auf einer Straße und unterhalten sich.",
+    "Eine Frau mit einem roten Hut sitzt auf einer Bank im Park.",
+    "Kinder spielen im Wasser.",
+    "Ein Mann in einem blauen Hemd repariert ein Fahrrad vor einem Geschäft, während ein kleiner Junge zusieht.",
+    "Eine Gruppe von Menschen.",
+)
+
+# Largest tolerated |ORT - PyTorch fp32| log-prob difference, by precision. fp16 and int8 change
+# the numbers by design; their bounds only catch a broken graph, their quality is measured as BLEU.
+TOLERANCE = {"fp32": 1e-4, "fp16": 0.25, "int8": 2.0}
+PADDING_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "int8": 1e-3}
+
+
+class ParityError(AssertionError):
+    """The exported graphs disagree with PyTorch beyond tolerance."""
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    steps: int
+    greedy_max_abs_diff: float  # over every step, row and vocab entry
+    greedy_step_max_abs_diff: list[float] = field(default_factory=list)  # per step
+    topk_consistent: bool = True  # topk outputs equal the top-k of log_probs
+    padding_max_abs_diff: float = 0.0
+    reorder_max_abs_diff: float = 0.0  # ORT vs PyTorch after a reorder + compaction
+    reorder_gather_exact: bool = True  # in-graph cache_index gather == host gather, bit for bit
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def source_ids(tok: Tokenizer, eos_id: int, sentences: tuple[str, ...] = SENTENCES) -> list[list[int]]:
+    """Token ids of each sentence followed by eos."""
+    return [ids + [eos_id] for ids in tok.encode_batch(list(sentences))]
+
+
+def _pad(sources: list[list[int]], pad_id: int) -> np.ndarray:
+    out = np.full((len(sources), max(len(s) for s in sources)), pad_id, dtype=np.int64)
+    for i, s in enumerate(sources):
+        out[i, : len(s)] = s
+    return out
+
+
+def _torch_kv(arrays: list[np.ndarray]) -> list[KV]:
+    ts = [torch.from_numpy(np.ascontiguousarray(a)).float() for a in arrays]
+    return [(ts[2 * i], ts[2 * i + 1]) for i in range(len(ts) // 2)]
+
+
+def _flat(kv: list[KV]) -> list[np.ndarray]:
+    return [t.numpy() for pair in kv for t in pair]
+
+
+def _ort_lockstep(graphs: OrtGraphs, src: np.ndarray, tokens: np.ndarray) -> list[np.ndarray]:
+    """ORT log-probs (R, V) per step when fed bos then tokens[:, t] at step t+1. tokens (B, T)."""
+    cross = graphs.encode(src)
+    b = src.shape[0]
+    past, ids = graphs.empty_past(b), np.full((b, 1), graphs.bos_id, dtype=np.int64)
+    out = []
+    for step in range(tokens.shape[1] + 1):
+        res = graphs.step(ids, np.full(b, step), src != graphs.pad_id, cross, past, np.arange(b))
+        out.append(res.log_probs)
+        if step < tokens.shape[1]:
+            past, ids = res.present, tokens[:, step : step + 1]
+    return out
+
+
+@torch.no_grad()
+def greedy_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]], steps: int = 30,
+                  topk: int = 4) -> tuple[list[float], bool, np.ndarray]:
+    """Lockstep greedy decode for `steps` steps: per-step max |ORT - PyTorch| log-prob difference.
+
+    Returns (per-step max diff, whether topk outputs matched log_probs every step, the tokens fed
+    (B, steps-1) so other checks can replay the same path).
+    """
+    cfg = model.cfg
+    src = _pad(sources, cfg.pad_id)
+    b = src.shape[0]
+    src_t = torch.from_numpy(src)
+    mask_t = src_t != cfg.pad_id
+    cross_t = model.cross_kv(model.encode(src_t))
+    past_t = model.empty_cache(b)
+    cross_o = graphs.encode(src)
+    past_o = graphs.empty_past(b)
+    ids = np.full((b, 1), cfg.bos_id, dtype=np.int64)
+    diffs: list[float] = []
+    consistent = True
+    fed: list[np.ndarray] = []
+    for step in range(steps):
+        pos = np.full(b, step, dtype=np.int64)
+        lp_t, past_t = model.decode_step(torch.from_numpy(ids), torch.from_numpy(pos), mask_t, cross_t, past_t,
+                                         torch.arange(b))
+        res = graphs.step(ids, pos, src != cfg.pad_id, cross_o, past_o, np.arange(b), topk=topk)
+        diffs.append(float(np.abs(res.log_probs - lp_t.numpy()).max()))
+        want_v = -np.sort(-res.log_probs, axis=-1)[:, :topk]
+        got_ids_v = np.take_along_axis(res.log_probs, res.topk_ids, axis=-1)
+        consistent &= bool(np.array_equal(res.topk_log_probs, want_v) and np.array_equal(got_ids_v, want_v))
+        lp = lp_t.clone()
+        lp[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
+        ids = lp.argmax(-1, keepdim=True).numpy()  # (B, 1): both sides continue PyTorch's path
+        fed.append(ids[:, 0])
+        past_o = res.present
+    return diffs, consistent, np.stack(fed[:-1], axis=1)
+
+
+def padding_invariance(graphs: OrtGraphs, sources: list[list[int]], tokens: np.ndarray) -> float:
+    """Max |log-prob| difference between each sentence alone and inside the padded batch (ORT)."""
+    batch = _ort_lockstep(graphs, _pad(sources, graphs.pad_id), tokens)
+    worst = 0.0
+    for i, s in enumerate(sources):
+        alone = _ort_lockstep(graphs, np.array([s], dtype=np.int64), tokens[i : i + 1])
+        for a, bt in zip(alone, batch, strict=True):
+            worst = max(worst, float(np.abs(a[0] - bt[i]).max()))
+    return worst
+
+
+@torch.no_grad()
+def reorder_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]], beams: int = 3,
+                   warmup: int = 3) -> tuple[float, bool]:
+    """Beam rows (R = B*K), `warmup` steps, then one step whose cache_index reorders the beams of
+    every kept sentence and drops sentence 1 (compaction). Returns (max |ORT - PyTorch| over the
+    log-probs and present K/V of that step, whether the in-graph gather equals a host gather exactly).
+    """
+    cfg = model.cfg
+    src = _pad(sources[:3], cfg.pad_id)
+    b, k = src.shape[0], beams
+    r = b * k
+    rng = np.random.default_rng(0)
+    src_t = torch.from_numpy(src)
+    cross_t = model.cross_kv(model.encode(src_t))
+    cross_o = graphs.encode(src)
+    mask = src != cfg.pad_id
+    past_t, past_o = model.empty_cache(r), graphs.empty_past(r)
+    index = np.arange(r)
+    for step in range(warmup):
+        ids = rng.integers(4, cfg.vocab_size, size=(r, 1))  # rows diverge, so a reorder shows
+        pos = np.full(r, step)
+        _, past_t = model.decode_step(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask),
+                                      cross_t, past_t, torch.from_numpy(index))
+        past_o = graphs.step(ids, pos, mask, cross_o, past_o, index).present
+    # Keep sentences 0 and 2; sentence 0's beams reversed, sentence 2 continues its beam 1 twice.
+    keep = np.array([0, 2])
+    index = np.concatenate([np.arange(k)[::-1], 2 * k + np.array([1, 1] + [0] * (k - 2))]).astype(np.int64)
+    ids = rng.integers(4, cfg.vocab_size, size=(index.size, 1))
+    pos = np.full(index.size, warmup)
+    mask_k = mask[keep]
+    cross_tk = [(ck[torch.from_numpy(keep)], cv[torch.from_numpy(keep)]) for ck, cv in cross_t]
+    cross_ok = [c[keep] for c in cross_o]
+    lp_t, present_t = model.decode_step(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask_k),
+                                        cross_tk, past_t, torch.from_numpy(index))
+    res = graphs.step(ids, pos, mask_k, cross_ok, past_o, index)
+    worst = float(np.abs(res.log_probs - lp_t.numpy()).max())
+    for got, want in zip(res.present, _flat(present_t), strict=True):
+        worst = max(worst, float(np.abs(got.astype(np.float32) - want).max()))
+    # The same step with the past gathered on the host and an identity cache_index.
+    host = graphs.step(ids, pos, mask_k, cross_ok, [p[index] for p in past_o], np.arange(index.size))
+    exact = bool(np.array_equal(host.log_probs, res.log_probs)) and all(
+        np.array_equal(a, c) for a, c in zip(host.present, res.present, strict=True)
+    )
+    return worst, exact
+
+
+def run_parity(graphs: OrtGraphs, model: Transformer, tok: Tokenizer, steps: int = 30) -> ParityReport:
+    """All checks on loaded graphs; the report lists every failure (empty when all passed)."""
+    precision = str(graphs.manifest["precision"])
+    sources = source_ids(tok, model.cfg.eos_id)
+    diffs, consistent, fed = greedy_parity(graphs, model, sources, steps)
+    report = ParityReport(precision, steps, max(diffs), [float(f"{d:.3g}") for d in diffs], consistent)
+    report.padding_max_abs_diff = padding_invariance(graphs, sources, fed[:, :10])
+    report.reorder_max_abs_diff, report.reorder_gather_exact = reorder_parity(graphs, model, sources)
+    tol, pad_tol = TOLERANCE[precision], PADDING_TOLERANCE[precision]
+    if report.greedy_max_abs_diff > tol:
+        worst = int(np.argmax(diffs))
+        report.failures.append(f"greedy log-probs differ from PyTorch by {report.greedy_max_abs_diff:.3g} "
+                               f"(step {worst}) > {tol:g}")
+    if not consistent:
+        report.failures.append("topk_log_probs/topk_ids are not the top-k of log_probs")
+    if report.padding_max_abs_diff > pad_tol:
+        report.failures.append(f"padding changes log-probs by {report.padding_max_abs_diff:.3g} > {pad_tol:g}")
+    if report.reorder_max_abs_diff > tol:
+        report.failures.append(f"after cache_index reorder/compaction ORT differs from PyTorch by "
+                               f"{report.reorder_max_abs_diff:.3g} > {tol:g}")
+    if not report.reorder_gather_exact:
+        report.failures.append("in-graph cache_index gather differs from gathering past K/V on the host")
+    return report
+
+
+def check_entry(entry: Path, checkpoint: Path, steps: int = 30, threads: int = 1) -> ParityReport:
+    """Load `entry` in ONNX Runtime (signature-checked) and compare it with `checkpoint` in PyTorch.
+
+    Raises ParityError naming every failed check; returns the report when all pass.
+    """
+    graphs = OrtGraphs(Path(entry), threads=threads)
+    model, tok = load_checkpoint(Path(checkpoint))
+    report = run_parity(graphs, model, tok, steps)
+    if report.failures:
+        raise ParityError(f"parity check of {entry} ({report.precision}) failed: " + "; ".join(report.failures))
+    return report
