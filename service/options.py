@@ -49,6 +49,7 @@ class Hypothesis:
     tokens: list[int]  # generated ids, eos excluded
     score: float  # log_prob / length**length_penalty: the ranking score
     log_prob: float  # sum of token log-probs, eos included
+    text: str = ""  # detokenized tokens; filled by the engine (the PyTorch reference leaves it empty)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,260 @@
+"""The inference engine: batched greedy/beam search with a KV cache on ONNX Runtime. Torch-free.
+
+    engine = Engine.load("models/model_repository/de-en/1")
+    results = engine.translate_batch(["Ein Hund rennt."], DecodingOptions(beam_size=4))
+    results[0].hypotheses[0].text  # "A dog is running."
+
+One batch reads like the architecture (`Engine.translate_ids`):
+
+    tokenize -> pad -> encode (once per batch) -> [decoder step -> search.advance] until done -> detokenize
+
+- `service.engine_entry`  checks the model-repository entry (manifest, hashes, signature, tokenizer);
+- `service.ort_runtime`   owns the sessions and the device-resident K/V (IO binding on CPU and CUDA);
+- `service.engine_search` is the host-side search, token-for-token the PyTorch reference (model/decode.py).
+
+Threads (CPU): see benchmarks/README.md, "Engine: CPU thread settings". With `intra_op_threads=0`
+the engine uses what that measurement chose for a machine this size: one intra-op thread per
+session call and as many concurrent batches as cores (`Engine.workers`). Concurrent calls of
+`translate_ids` from several threads are safe and run in parallel; `translate_batch` does that
+itself with its internal batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from service.engine_entry import ModelEntry, ModelEntryError, read_entry
+from service.engine_search import Search, SpecialIds, StepRequest, make_search
+from service.options import DecodingOptions, TranslationResult
+from service.ort_runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
+from service.tokenizer import Tokenizer
+
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "ModelEntryError", "ProviderUnavailable", "batches_by_length"]
+
+log = logging.getLogger(__name__)
+
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine runs. Built at the entry point (`rosetta translate` / `rosetta serve` flags)."""
+
+    provider: str = "auto"  # "auto" | "cpu" | "cuda"; auto tries CUDA for real (encode + step), falls back to CPU
+    intra_op_threads: int = 0  # threads per session call; 0: chosen by measurement (module docstring)
+    inter_op_threads: int = 1  # the graphs are one chain of operators: more does not help
+    max_batch_tokens: int = 4096  # padded source tokens (eos included) per internal batch of translate_batch
+    max_batch_sentences: int = 64  # sentences per internal batch of translate_batch
+    parallel_batches: int = 0  # internal batches translate_batch decodes at once; 0: cores / intra-op threads
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDER_CHOICES:
+            raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {self.provider!r}")
+        for name in ("intra_op_threads", "inter_op_threads", "parallel_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_batch_tokens < 1 or self.max_batch_sentences < 1:
+            raise ValueError("max_batch_tokens and max_batch_sentences must be >= 1")
+
+
+class EngineObserver(Protocol):
+    """Timing hooks for metrics (service.metrics implements them); called on the decoding thread."""
+
+    def on_encoder(self, seconds: float) -> None: ...
+
+    def on_decoder_step(self, seconds: float, rows: int) -> None: ...
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which container CPU sets narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threading(config: EngineConfig, cores: int) -> tuple[SessionSettings, int]:
+    """(session threads, concurrent batches) on CPU.
+
+    The measured choice for `intra_op_threads=0`: 1 intra-op thread per call and one batch per
+    core, i.e. one session shared by `cores` decoding threads (benchmarks/engine_threads.py).
+    """
+    intra = config.intra_op_threads or 1
+    parallel = config.parallel_batches or max(1, cores // intra)
+    return SessionSettings(intra, config.inter_op_threads, allow_spinning=False), parallel
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """Silence onnxruntime's process-wide logger while probing CUDA (its failure is expected here)."""
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+
+
+def batches_by_length(lengths: Sequence[int], max_tokens: int, max_sentences: int) -> Iterator[list[int]]:
+    """Indices sorted by length, grouped so that every padded batch (count x longest) stays within
+    `max_tokens` and `max_sentences`; a single sentence over `max_tokens` forms its own batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        if batch and (w * (len(batch) + 1) > max_tokens or len(batch) >= max_sentences):
+            yield batch
+            batch, w = [], lengths[i]
+        batch.append(i)
+        width = w
+    if batch:
+        yield batch
+
+
+class Engine:
+    """One loaded model-repository entry, ready to translate. Create with `Engine.load`."""
+
+    def __init__(self, entry: ModelEntry, model: OrtModel, config: EngineConfig, workers: int) -> None:
+        self.entry = entry
+        self.config = config
+        self.name: str = entry.name
+        self.version: str = entry.version
+        self.manifest: dict[str, Any] = entry.manifest
+        self.tokenizer: Tokenizer = entry.tokenizer
+        self.provider: str = model.device  # "cpu" or "cuda": the one actually in use
+        self.workers: int = workers  # concurrent translate_ids calls the threading is sized for
+        self._model = model
+        cfg = entry.config
+        self._ids = SpecialIds(cfg.pad_id, cfg.bos_id, cfg.eos_id)
+        self._vocab = cfg.vocab_size
+        # Positions index a table of max_positions rows: a source needs room for its eos, a target
+        # for its eos at position max_length - 1.
+        self.max_source_tokens: int = cfg.max_positions - 1  # tokens without the eos the engine appends
+        self.max_target_tokens: int = cfg.max_positions  # generated tokens, eos included
+
+    @classmethod
+    def load(cls, entry_dir: str | Path, config: EngineConfig = EngineConfig()) -> Engine:
+        """Check and load the entry folder; raises ModelEntryError (a ValueError) naming what is wrong,
+        ProviderUnavailable when provider="cuda" cannot run here."""
+        entry = read_entry(entry_dir)
+        model: OrtModel | None = None
+        workers = 1
+        if config.provider in ("auto", CUDA):
+            try:
+                with _quiet_onnxruntime():
+                    model = OrtModel.open(entry, CUDA, SessionSettings(1, config.inter_op_threads))
+            except ProviderUnavailable as err:
+                if config.provider == CUDA:
+                    raise
+                log.info("CUDA is not usable here (%s); running on CPU", err)
+        if model is None:
+            settings, workers = cpu_threading(config, available_cores())
+            model = OrtModel.open(entry, CPU, settings)
+        log.info("loaded %s/%s (%s) on %s, %d worker(s)", entry.name, entry.version, entry.precision,
+                 model.device, workers)
+        return cls(entry, model, config, workers)
+
+    # -- translation ------------------------------------------------------------------------------------
+
+    def translate_batch(self, sentences: Sequence[str], options: DecodingOptions,
+                        progress: Callable[[int], None] | None = None) -> list[TranslationResult]:
+        """Translate `sentences`; one result per sentence, in order, hypotheses with their text.
+
+        Splits them into internal batches sorted by length (capped by max_batch_tokens and
+        max_batch_sentences) and decodes up to `workers` batches at once. `progress(n)` is called
+        with the number of sentences of every batch that completes. Raises ValueError for a
+        sentence longer than max_source_tokens.
+        """
+        ids = self.tokenizer.encode_batch(list(sentences))
+        results: list[TranslationResult | None] = [None] * len(ids)
+        batches = list(batches_by_length([len(s) + 1 for s in ids], self.config.max_batch_tokens,
+                                         self.config.max_batch_sentences))
+        self._check_lengths(ids)
+
+        def run(idx: list[int]) -> tuple[list[int], list[TranslationResult]]:
+            return idx, self.translate_ids([ids[i] for i in idx], options)
+
+        if self.workers > 1 and len(batches) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="rosetta-engine") as pool:
+                # Longest batches first, so the last one to finish is a short one.
+                futures = [pool.submit(run, idx) for idx in reversed(batches)]
+                for fut in as_completed(futures):
+                    self._place(results, *fut.result(), progress)
+        else:
+            for idx in batches:
+                self._place(results, *run(idx), progress)
+        return [r for r in results if r is not None]
+
+    def translate_ids(self, sources: Sequence[Sequence[int]], options: DecodingOptions,
+                      observer: EngineObserver | None = None) -> list[TranslationResult]:
+        """Decode `sources` (token ids WITHOUT eos; the engine appends it) as ONE batch.
+
+        One result per source, in order; hypotheses carry tokens, score, log_prob and text. An empty
+        source decodes from eos alone. Raises ValueError for an id outside the vocabulary or a source
+        longer than max_source_tokens. Safe to call from several threads at once.
+        """
+        if not sources:
+            return []
+        self._check_lengths(sources)
+        src, max_lens = self._pad(sources, options)
+        search: Search = make_search(max_lens, options, self._ids, self._vocab)
+
+        started = time.perf_counter()
+        state = self._model.encode(src)
+        if observer is not None:
+            observer.on_encoder(time.perf_counter() - started)
+        request: StepRequest | None = search.start()
+        while request is not None:
+            started = time.perf_counter()
+            scores = self._model.step(state, request)
+            if observer is not None:
+                observer.on_decoder_step(time.perf_counter() - started, int(request.input_ids.shape[0]))
+            request = search.advance(scores)
+        return [self._detokenize(r) for r in search.results()]
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _check_lengths(self, sources: Sequence[Sequence[int]]) -> None:
+        for i, s in enumerate(sources):
+            if len(s) > self.max_source_tokens:
+                raise ValueError(f"source {i} has {len(s)} tokens; this model takes at most "
+                                 f"{self.max_source_tokens} (max_positions - 1 for eos)")
+
+    def _pad(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> tuple[np.ndarray, list[int]]:
+        """(src_ids (B, S) int64 with eos appended and pad after it, per-sentence length caps)."""
+        eos, pad = self._ids.eos, self._ids.pad
+        width = max(len(s) for s in sources) + 1
+        src = np.full((len(sources), width), pad, dtype=np.int64)
+        for i, s in enumerate(sources):
+            src[i, : len(s)] = s
+            src[i, len(s)] = eos
+        if src.size and (src.min() < 0 or src.max() >= self._vocab):
+            bad = next(i for i, s in enumerate(sources) if any(not 0 <= t < self._vocab for t in s))
+            raise ValueError(f"source {bad} has a token id outside the vocabulary [0, {self._vocab})")
+        max_lens = [min(options.max_length_for(len(s) + 1), self.max_target_tokens) for s in sources]
+        return src, max_lens
+
+    def _detokenize(self, result: TranslationResult) -> TranslationResult:
+        hyps = [dataclasses.replace(h, text=self.tokenizer.decode(h.tokens)) for h in result.hypotheses]
+        return TranslationResult(hyps, result.finish_reason)
+
+    @staticmethod
+    def _place(results: list[TranslationResult | None], idx: list[int], batch: list[TranslationResult],
+               progress: Callable[[int], None] | None) -> None:
+        for i, r in zip(idx, batch, strict=True):
+            results[i] = r
+        if progress is not None:
+            progress(len(idx))
+

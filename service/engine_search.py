@@ -1,0 +1,270 @@
+"""Greedy and beam search over the decoder's per-row top-k: the host side of one decoding loop.
+
+A search never touches a session. The engine asks it what to compute (`StepRequest`: which rows,
+which tokens, which rows of the previous step they continue, which sentences are still live),
+runs the decoder step, hands back the top-k candidates of every row (`StepScores`), and repeats
+until the search answers None. So only token ids, beam origins and top-k scores cross between the
+device and the host.
+
+The rules are those of the PyTorch reference (model/decode.py, its module docstring) and must stay
+token-for-token identical to it:
+- step t generates target position t+1; a hypothesis ending at step t has t+1 tokens, eos included,
+  and ranks by log_prob / (t+1)**length_penalty (`DecodingOptions.normalize`);
+- pad and bos are never generated, eos is blocked while t < min_decoding_length, and at a row's last
+  allowed step only eos is (its raw log-prob, or 0.0 when eos was blocked);
+- greedy takes the best allowed token of every row (ties: the lower id, as torch.max);
+- beam search keeps K rows per sentence and ranks the candidates (row score + log-prob, float64)
+  of a sentence's K*V; the first 2K are kept, an eos candidate finishes a hypothesis only among the
+  first K, the others fill the live rows in rank order; rows without a finite candidate stay dead;
+- a sentence is done when no live row is finite, or when it holds >= K finished hypotheses and no
+  live row, scored at its current length, beats the K-th best; done sentences leave at once.
+
+Why top-k is enough: the global top 2K of a sentence over K*V is contained in the union of each
+row's top 2K allowed tokens, and at most 3 tokens (pad, bos, eos) are not allowed, so the graph's
+top (2K+3) raw log-probs per row hold every candidate the reference can pick. Ranking ties between
+equal float64 candidates are broken by (beam, token) index; torch.topk leaves that order
+unspecified, which is the only place the two can differ given the same log-probs.
+
+Shapes: B live sentences, K beams, R live rows (B at the first step, B*K after), k top-k width,
+T tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.options import DecodingOptions, Hypothesis, TranslationResult
+
+NEG_INF = -math.inf
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    bos: int
+    eos: int
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What the next decoder call computes."""
+
+    step: int  # 0-based; every row's input token sits at position `step`
+    input_ids: np.ndarray  # (R, 1) int64, the last token of every live row
+    cache_index: np.ndarray  # (R,) int64, the row of the previous step each row continues
+    sentences: np.ndarray | None  # (B,) int64 previous-step sentences still live, in order; None: all of them
+    topk: int  # top-k width the search reads back per row
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """What the search reads back from one decoder call."""
+
+    topk_log_probs: np.ndarray  # (R, k) float32, descending per row, ties by lower id
+    topk_ids: np.ndarray  # (R, k) int64
+    eos_log_probs: Callable[[], np.ndarray]  # () -> (R,) float32 raw log-prob of eos; called only at a last step
+
+
+class Search(Protocol):
+    """One decoding loop over a batch: start() -> advance(scores) ... -> None, then results()."""
+
+    def start(self) -> StepRequest: ...
+
+    def advance(self, scores: StepScores) -> StepRequest | None: ...
+
+    def results(self) -> list[TranslationResult]: ...
+
+
+def allowed_candidates(
+    scores: StepScores, step: int, width: int, row_max_lens: np.ndarray, ids: SpecialIds, min_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `width` allowed candidates of every row, under the generation rules.
+
+    row_max_lens (R,) is each row's length cap (eos included). Returns (log_probs (R, width)
+    float64, -inf past the allowed ones; token ids (R, width) int64), in descending order.
+    """
+    vals, toks = scores.topk_log_probs, scores.topk_ids  # (R, k)
+    allowed = (toks != ids.pad) & (toks != ids.bos)
+    if step < min_len:
+        allowed &= toks != ids.eos
+    # Keep the first `width` allowed entries of each row, in their order.
+    rank = np.cumsum(allowed, axis=1) - 1  # (R, k) position among the allowed
+    keep = allowed & (rank < width)
+    rows, cols = np.nonzero(keep)
+    out_v = np.full((vals.shape[0], width), NEG_INF, dtype=np.float64)
+    out_t = np.full((vals.shape[0], width), ids.eos, dtype=np.int64)
+    out_v[rows, rank[rows, cols]] = vals[rows, cols]
+    out_t[rows, rank[rows, cols]] = toks[rows, cols]
+
+    last = (step + 1) >= row_max_lens  # (R,) rows whose only allowed token is eos
+    if last.any():
+        eos_lp = scores.eos_log_probs().astype(np.float64)[last]
+        if step < min_len:
+            eos_lp[:] = 0.0
+        out_v[last] = NEG_INF
+        out_v[last, 0] = np.where(np.isinf(eos_lp), 0.0, eos_lp)
+        out_t[last, 0] = ids.eos
+    return out_v, out_t
+
+
+class GreedySearch:
+    """Beam size 1: one row per sentence, the best allowed token each step."""
+
+    def __init__(self, max_lens: list[int], options: DecodingOptions, ids: SpecialIds, vocab_size: int) -> None:
+        b = len(max_lens)
+        self.options, self.ids = options, ids
+        self.max_lens = np.asarray(max_lens, dtype=np.int64)  # (B,) per original sentence
+        self.topk = min(4, vocab_size)  # the best token plus at most pad, bos and eos disallowed
+        self.alive = np.arange(b)  # (R,) original sentence of every live row
+        self.tokens: list[list[int]] = [[] for _ in range(b)]
+        self.log_probs = np.zeros(b, dtype=np.float64)  # (B,) summed like the reference: float64
+        self._results: list[TranslationResult | None] = [None] * b
+        self._step = 0
+
+    def start(self) -> StepRequest:
+        b = self.alive.size
+        return StepRequest(0, np.full((b, 1), self.ids.bos, dtype=np.int64), np.arange(b), None, self.topk)
+
+    def advance(self, scores: StepScores) -> StepRequest | None:
+        step = self._step
+        vals, toks = allowed_candidates(scores, step, 1, self.max_lens[self.alive], self.ids,
+                                        self.options.min_decoding_length)
+        best, best_lp = toks[:, 0], vals[:, 0]  # (R,)
+        self.log_probs[self.alive] += best_lp
+        keep: list[int] = []
+        for row, orig in enumerate(self.alive.tolist()):
+            tok = int(best[row])
+            if tok == self.ids.eos:
+                length = len(self.tokens[orig]) + 1
+                reason = "length" if length >= int(self.max_lens[orig]) else "eos"
+                lp = float(self.log_probs[orig])
+                hyp = Hypothesis(self.tokens[orig], self.options.normalize(lp, length), lp)
+                self._results[orig] = TranslationResult([hyp], reason)
+            else:
+                self.tokens[orig].append(tok)
+                keep.append(row)
+        self._step = step + 1
+        if not keep:
+            self.alive = self.alive[:0]
+            return None
+        keep_a = np.asarray(keep, dtype=np.int64)
+        changed = keep_a.size < self.alive.size
+        self.alive = self.alive[keep_a]
+        return StepRequest(self._step, best[keep_a].reshape(-1, 1), keep_a, keep_a if changed else None, self.topk)
+
+    def results(self) -> list[TranslationResult]:
+        return [r if r is not None else TranslationResult([], "length") for r in self._results]
+
+
+@dataclass
+class _Finished:
+    score: float  # normalized ranking score
+    log_prob: float
+    tokens: list[int]
+    reason: str
+
+
+class BeamSearch:
+    """K rows per sentence; candidates ranked in float64 exactly as model/decode.py's beam_search."""
+
+    def __init__(self, max_lens: list[int], options: DecodingOptions, ids: SpecialIds, vocab_size: int) -> None:
+        b = len(max_lens)
+        self.options, self.ids, self.vocab = options, ids, vocab_size
+        self.k = options.beam_size
+        self.topk = min(2 * self.k + 3, vocab_size)
+        self.max_lens = np.asarray(max_lens, dtype=np.int64)  # (B,) per original sentence
+        self.alive = np.arange(b)  # (B,) original index of every live sentence
+        # The first step runs one row per sentence: the reference's K-1 other rows score -inf.
+        self.scores = np.zeros((b, 1), dtype=np.float64)  # (B, rows per sentence)
+        self.history = np.zeros((b, 0), dtype=np.int64)  # (R, T) tokens of every live row
+        self.finished: list[list[_Finished]] = [[] for _ in range(b)]
+        self._step = 0
+
+    def start(self) -> StepRequest:
+        b = self.alive.size
+        return StepRequest(0, np.full((b, 1), self.ids.bos, dtype=np.int64), np.arange(b), None, self.topk)
+
+    def advance(self, scores: StepScores) -> StepRequest | None:
+        step, k, n = self._step, self.k, self.alive.size
+        per = self.scores.shape[1]  # rows per sentence this step: 1 at step 0, K after
+        width = 2 * k
+        row_max = np.repeat(self.max_lens[self.alive], per)  # (R,)
+        vals, toks = allowed_candidates(scores, step, width, row_max, self.ids, self.options.min_decoding_length)
+        cand = (self.scores.reshape(-1, 1) + vals).reshape(n, per * width)  # (B, per*2K) float64
+        beam = np.repeat(np.arange(per), width)[None, :]  # (1, per*2K) row within its sentence
+        flat = beam * self.vocab + toks.reshape(n, per * width)  # the reference's index into K*V
+        order = np.lexsort((flat, -cand), axis=1)[:, :width]  # (B, 2K) best first, ties by index
+        top_v = np.take_along_axis(cand, order, axis=1)
+        top_t = np.take_along_axis(flat, order, axis=1) % self.vocab
+        top_b = np.take_along_axis(np.broadcast_to(beam, cand.shape), order, axis=1)
+
+        finite = top_v > NEG_INF
+        is_eos = top_t == self.ids.eos
+        live = finite & ~is_eos
+        slot = np.cumsum(live, axis=1) - 1  # (B, 2K) live row a candidate would fill
+        fill = live & (slot < k)
+        finish = finite & is_eos & (np.arange(width) < k)[None, :]  # eos counts only among the first K
+
+        next_scores = np.full((n, k), NEG_INF, dtype=np.float64)
+        next_tokens = np.full((n, k), self.ids.eos, dtype=np.int64)
+        origins = np.repeat(np.arange(n)[:, None] * per, k, axis=1)  # dead rows continue the sentence's row 0
+        js, rs = np.nonzero(fill)
+        next_scores[js, slot[js, rs]] = top_v[js, rs]
+        next_tokens[js, slot[js, rs]] = top_t[js, rs]
+        origins[js, slot[js, rs]] = js * per + top_b[js, rs]
+
+        length = step + 1
+        for j, r in zip(*np.nonzero(finish), strict=True):  # row-major: rank order within a sentence
+            orig = int(self.alive[j])
+            lp = float(top_v[j, r])
+            reason = "length" if length >= int(self.max_lens[orig]) else "eos"
+            tokens = self.history[j * per + int(top_b[j, r])].tolist()
+            self.finished[orig].append(_Finished(self.options.normalize(lp, length), lp, tokens, reason))
+
+        keep = [j for j in range(n)
+                if not _sentence_done(self.finished[int(self.alive[j])], next_scores[j], length, k, self.options)]
+        self._step = length
+        if not keep:
+            self.alive = self.alive[:0]
+            return None
+        keep_a = np.asarray(keep, dtype=np.int64)
+        cache_index = origins[keep_a].reshape(-1)  # (R',) rows of this step the next rows continue
+        self.history = np.concatenate([self.history[cache_index], next_tokens[keep_a].reshape(-1, 1)], axis=1)
+        self.scores = next_scores[keep_a]
+        changed = keep_a.size < n
+        self.alive = self.alive[keep_a]
+        return StepRequest(length, next_tokens[keep_a].reshape(-1, 1), cache_index,
+                           keep_a if changed else None, self.topk)
+
+    def results(self) -> list[TranslationResult]:
+        return [_result(f, self.options) for f in self.finished]
+
+
+def _sentence_done(finished: list[_Finished], live_scores: np.ndarray, length: int, k: int,
+                   options: DecodingOptions) -> bool:
+    best_live = float(live_scores.max())
+    if best_live == NEG_INF:
+        return True
+    if len(finished) < k:
+        return False
+    kth = sorted((f.score for f in finished), reverse=True)[k - 1]
+    return options.normalize(best_live, length) <= kth
+
+
+def _result(finished: list[_Finished], options: DecodingOptions) -> TranslationResult:
+    ranked = sorted(finished, key=lambda f: -f.score)  # stable: ties keep finishing order
+    top = ranked[: options.num_hypotheses]
+    return TranslationResult([Hypothesis(f.tokens, f.score, f.log_prob) for f in top],
+                             top[0].reason if top else "length")
+
+
+def make_search(max_lens: list[int], options: DecodingOptions, ids: SpecialIds, vocab_size: int) -> Search:
+    """Greedy for beam_size 1 (the fast path), beam search otherwise."""
+    if options.beam_size == 1:
+        return GreedySearch(max_lens, options, ids, vocab_size)
+    return BeamSearch(max_lens, options, ids, vocab_size)
