@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,99 @@ def config_from_env(env: dict[str, str]) -> Any:
         parser = argparse.ArgumentParser()
         add_dataclass_flags(parser, ServerConfig)
         return build_dataclass(ServerConfig, parser.parse_args([]))
+
+
+# ---- PromQL in the rules, the dashboard and the adapter config ---------------------------------------
+
+GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
+
+
+def load_rules() -> list[dict[str, Any]]:
+    """Every rule of deploy/prometheus/rules.yml, each with its group name under `group`."""
+    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    return [{**rule, "group": g["name"]} for g in groups for rule in g["rules"]]
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def dashboard_variables(dashboard: dict[str, Any]) -> dict[str, str]:
+    """Template variable -> the value a fresh dashboard uses ("All" -> allValue); data sources excluded."""
+    values = dict(GRAFANA_BUILTINS)
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "datasource":
+            continue
+        assert var.get("includeAll") and var.get("allValue"), f"variable {var['name']} needs an allValue"
+        values[var["name"]] = var["allValue"]
+    return values
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Grafana's $var / ${var} / [[var]] interpolation; an unknown variable raises KeyError."""
+    pattern = r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)"
+    return re.sub(pattern, lambda m: values[m[1] or m[2] or m[3]], expr)
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target, variables interpolated."""
+    values = dashboard_variables(dashboard)
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r} {target['refId']}", substitute(target["expr"], values)))
+    return out
+
+
+def variable_selectors(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(variable, series selector, label) of every `label_values(selector, label)` variable query."""
+    values = dashboard_variables(dashboard)
+    out = []
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query.strip())
+        assert m, f"variable {var['name']}: only label_values(selector, label) queries are supported, got {query}"
+        out.append((var["name"], substitute(m[1], values), m[2]))
+    return out
+
+
+def adapter_queries(labels: dict[str, str], group_by: str) -> list[tuple[str, str]]:
+    """(where, PromQL) of every prometheus-adapter rule: its seriesQuery, and its metricsQuery rendered the
+    way the adapter does for one pod (<<.Series>>, <<.LabelMatchers>>, <<.GroupBy>>)."""
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    matchers = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    out = []
+    for rule in rules:
+        name = rule["name"]["as"]
+        series = rule["seriesQuery"].split("{")[0]
+        out.append((f"adapter {name} seriesQuery", rule["seriesQuery"]))
+        rendered = (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+                    .replace("<<.GroupBy>>", group_by))
+        assert "<<" not in rendered, f"adapter {name}: unrendered template in {rendered}"
+        out.append((f"adapter {name} metricsQuery", rendered))
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """Raw series names (rosetta_* and up) an expression reads; recorded names (with ':') are left out."""
+    tokens = set(re.findall(r"(?<![\w:\"])[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r'"[^"]*"', '""', expr)))
+    return {t for t in tokens if ":" not in t and (t.startswith("rosetta_") or t == "up")}
+
+
+def server_series_names() -> set[str]:
+    """Every series name the server's /metrics can expose (service/metrics.py ServerMetrics)."""
+    from service.metrics import ServerMetrics
+
+    names = set()
+    for family in ServerMetrics().registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
