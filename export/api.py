@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from export.manifest import (
     DECODER_FILE,
     ENCODER_FILE,
@@ -40,7 +38,7 @@ class ExportConfig:
     version: str = ""  # entry version; "" takes the output folder's name (model_repository/NAME/VERSION)
     source_lang: str = "de"
     target_lang: str = "en"
-    optimize: bool = False  # apply ONNX Runtime's transformer fusions before saving (see export/optimize.py)
+    optimize: bool = True  # run the exporter's graph optimiser (folding, CSE, dead code); see export/README.md
     check: bool = False  # run the parity check against PyTorch after export; raise ParityError on failure
     evaluate_dir: str = ""  # Multi30k folder: if set, measure BLEU on test_2016_flickr into the manifest
     evaluate_sentences: int = 0  # evaluate on the first N test sentences (0: all 1000)
@@ -60,6 +58,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     Raises export.parity.ParityError when config.check is set and the graphs disagree with PyTorch,
     and service.signature.SignatureMismatch if a graph does not match the signature.
     """
+    import onnx
     import torch
 
     from export.graphs import OPSET, export_decoder, export_encoder, signatures
@@ -74,21 +73,16 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     if cfg.precision == "fp16":
         model = model.half()
     with torch.no_grad():
-        encoder, decoder = export_encoder(model, float_dtype), export_decoder(model, float_dtype)
+        encoder = export_encoder(model, float_dtype, cfg.optimize)
+        decoder = export_decoder(model, float_dtype, cfg.optimize)
     log.info("traced %s graphs in %.1fs", cfg.precision, time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory(prefix="rosetta-export-") as tmp:
         enc_path, dec_path = Path(tmp) / ENCODER_FILE, Path(tmp) / DECODER_FILE
         onnx.save(encoder, str(enc_path))
         onnx.save(decoder, str(dec_path))
-        if cfg.optimize:
-            from export.optimize import optimize_graph
-
-            heads, d_model = model.cfg.heads, model.cfg.d_model
-            optimize_graph(enc_path, enc_path, heads, d_model, fp16=cfg.precision == "fp16")
-            optimize_graph(dec_path, dec_path, heads, d_model, fp16=cfg.precision == "fp16")
         if cfg.precision == "int8":
-            from export.optimize import quantize_int8
+            from export.quantize import quantize_int8
 
             quantize_int8(enc_path, enc_path)
             quantize_int8(dec_path, dec_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -17,8 +18,9 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> None:
     """Add the `export` subcommand to the `rosetta` parser."""
-    from export.api import ExportConfig  # torch-free
-    from service.cli import add_dataclass_flags
+    from export.api import ExportConfig  # torch- and onnx-free
+    from export.manifest import PRECISIONS
+    from service.cli import ENV_PREFIX, _parse_bool, add_dataclass_flags
 
     p = subparsers.add_parser(
         "export",
@@ -28,7 +30,16 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
     p.add_argument("--out", required=True, help="entry folder, model_repository/NAME/VERSION")
-    add_dataclass_flags(p, ExportConfig)
+    env = os.environ
+    p.add_argument("--precision", choices=PRECISIONS, default=env.get(ENV_PREFIX + "PRECISION", "fp32"),
+                   help="fp32; fp16 (GPU: half weights and K/V, fp32 log_probs); int8 (CPU: dynamic "
+                   "quantization). Use one entry NAME per precision. (env ROSETTA_PRECISION)")
+    p.add_argument("--check", action="store_true", default=_parse_bool(env.get(ENV_PREFIX + "CHECK", "0")),
+                   help="run the ORT-vs-PyTorch parity check; exit 1 loudly if it fails (env ROSETTA_CHECK)")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   default=_parse_bool(env.get(ENV_PREFIX + "OPTIMIZE", "1")),
+                   help="skip the exporter's graph optimiser (env ROSETTA_OPTIMIZE=0)")
+    add_dataclass_flags(p, ExportConfig, skip=("precision", "check", "optimize"))
     p.set_defaults(func=_cmd_export)
 
 

@@ -112,28 +112,32 @@ def _dynamic_shapes(spec: sig.GraphSignature, dims: dict[str, Any]) -> list[dict
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], spec: sig.GraphSignature,
-            dynamic_shapes: Any) -> onnx.ModelProto:
+            dynamic_shapes: Any, optimize: bool) -> onnx.ModelProto:
     program = torch.onnx.export(
         module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names(),
-        output_names=spec.output_names(), dynamic_shapes=dynamic_shapes, verbose=False,
+        output_names=spec.output_names(), dynamic_shapes=dynamic_shapes, verbose=False, optimize=optimize,
     )
     assert program is not None
     return program.model_proto
 
 
-def export_encoder(model: Transformer, float_dtype: str = "float32") -> onnx.ModelProto:
-    """The encoder graph of `model` (eval mode, on CPU, in the dtype of its weights)."""
+def export_encoder(model: Transformer, float_dtype: str = "float32", optimize: bool = True) -> onnx.ModelProto:
+    """The encoder graph of `model` (eval mode, on CPU, in the dtype of its weights).
+
+    `optimize` runs the exporter's graph optimiser (constant folding, common-subexpression and
+    dead-code elimination): about half the nodes; see export/README.md for what it measures.
+    """
     from torch.export import Dim
 
     enc_spec, _ = signatures(model, float_dtype)
     dims = {"batch": Dim("batch", min=1, max=65536), "src_len": Dim("src_len", min=1, max=model.cfg.max_positions)}
     src = torch.randint(4, model.cfg.vocab_size, (_B, _S))
     src[1, -2:] = model.cfg.pad_id
-    proto = _export(EncoderGraph(model), (src,), enc_spec, tuple(_dynamic_shapes(enc_spec, dims)))
+    proto = _export(EncoderGraph(model), (src,), enc_spec, tuple(_dynamic_shapes(enc_spec, dims)), optimize)
     return finalize_graph(proto, enc_spec)
 
 
-def export_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.ModelProto:
+def export_decoder(model: Transformer, float_dtype: str = "float32", optimize: bool = True) -> onnx.ModelProto:
     """The one-step decoder graph of `model` (eval mode, on CPU, in the dtype of its weights)."""
     from torch.export import Dim
 
@@ -166,7 +170,7 @@ def export_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mod
         args += [torch.randn(past_shape, dtype=dtype), torch.randn(past_shape, dtype=dtype)]
     shapes = _dynamic_shapes(dec_spec, dims)
     dynamic = (*shapes[:5], tuple(shapes[5:]))  # the K/V tensors are the *kv varargs
-    proto = _export(DecoderStepGraph(model), tuple(args), dec_spec, dynamic)
+    proto = _export(DecoderStepGraph(model), tuple(args), dec_spec, dynamic, optimize)
     return finalize_graph(proto, dec_spec)
 
 

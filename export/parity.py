@@ -38,10 +38,23 @@ SENTENCES = (
     "Eine Gruppe von Menschen.",
 )
 
-# Largest tolerated |ORT - PyTorch fp32| log-prob difference, by precision. fp16 and int8 change
-# the numbers by design; their bounds only catch a broken graph, their quality is measured as BLEU.
-TOLERANCE = {"fp32": 1e-4, "fp16": 0.25, "int8": 2.0}
-PADDING_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "int8": 1e-3}
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass bounds of one precision, against PyTorch fp32."""
+
+    log_probs: float  # max |ORT - PyTorch| over every step, row and vocab entry (greedy and reorder)
+    padding: float  # max |alone - in padded batch| (ORT vs ORT)
+    top1_agreement: float  # min fraction of (step, row) where ORT's argmax equals PyTorch's
+
+
+# fp32 is the contract. fp16 and int8 change the numbers by design: their bounds catch a broken
+# graph, their quality is measured as BLEU. int8's activation scale spans the batch (see
+# export/quantize.py), so its padding invariance is approximate.
+TOLERANCES = {
+    "fp32": Tolerance(log_probs=1e-4, padding=1e-5, top1_agreement=1.0),
+    "fp16": Tolerance(log_probs=0.1, padding=1e-2, top1_agreement=0.9),
+    "int8": Tolerance(log_probs=1.0, padding=0.5, top1_agreement=0.8),
+}
 
 
 class ParityError(AssertionError):
@@ -54,6 +67,7 @@ class ParityReport:
     steps: int
     greedy_max_abs_diff: float  # over every step, row and vocab entry
     greedy_step_max_abs_diff: list[float] = field(default_factory=list)  # per step
+    greedy_top1_agreement: float = 1.0  # fraction of (step, row) with the same argmax as PyTorch
     topk_consistent: bool = True  # topk outputs equal the top-k of log_probs
     padding_max_abs_diff: float = 0.0
     reorder_max_abs_diff: float = 0.0  # ORT vs PyTorch after a reorder + compaction
@@ -101,11 +115,12 @@ def _ort_lockstep(graphs: OrtGraphs, src: np.ndarray, tokens: np.ndarray) -> lis
 
 @torch.no_grad()
 def greedy_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]], steps: int = 30,
-                  topk: int = 4) -> tuple[list[float], bool, np.ndarray]:
+                  topk: int = 4) -> tuple[list[float], float, bool, np.ndarray]:
     """Lockstep greedy decode for `steps` steps: per-step max |ORT - PyTorch| log-prob difference.
 
-    Returns (per-step max diff, whether topk outputs matched log_probs every step, the tokens fed
-    (B, steps-1) so other checks can replay the same path).
+    Returns (per-step max diff, fraction of (step, row) whose argmax agrees, whether the topk
+    outputs matched log_probs every step, the tokens fed (B, steps-1) so other checks can replay
+    the same path).
     """
     cfg = model.cfg
     src = _pad(sources, cfg.pad_id)
@@ -118,6 +133,7 @@ def greedy_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]
     past_o = graphs.empty_past(b)
     ids = np.full((b, 1), cfg.bos_id, dtype=np.int64)
     diffs: list[float] = []
+    agree: list[float] = []
     consistent = True
     fed: list[np.ndarray] = []
     for step in range(steps):
@@ -126,6 +142,7 @@ def greedy_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]
                                          torch.arange(b))
         res = graphs.step(ids, pos, src != cfg.pad_id, cross_o, past_o, np.arange(b), topk=topk)
         diffs.append(float(np.abs(res.log_probs - lp_t.numpy()).max()))
+        agree.append(float((res.log_probs.argmax(-1) == lp_t.numpy().argmax(-1)).mean()))
         want_v = -np.sort(-res.log_probs, axis=-1)[:, :topk]
         got_ids_v = np.take_along_axis(res.log_probs, res.topk_ids, axis=-1)
         consistent &= bool(np.array_equal(res.topk_log_probs, want_v) and np.array_equal(got_ids_v, want_v))
@@ -134,7 +151,7 @@ def greedy_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int]
         ids = lp.argmax(-1, keepdim=True).numpy()  # (B, 1): both sides continue PyTorch's path
         fed.append(ids[:, 0])
         past_o = res.present
-    return diffs, consistent, np.stack(fed[:-1], axis=1)
+    return diffs, float(np.mean(agree)), consistent, np.stack(fed[:-1], axis=1)
 
 
 def padding_invariance(graphs: OrtGraphs, sources: list[list[int]], tokens: np.ndarray) -> float:
@@ -198,22 +215,26 @@ def run_parity(graphs: OrtGraphs, model: Transformer, tok: Tokenizer, steps: int
     """All checks on loaded graphs; the report lists every failure (empty when all passed)."""
     precision = str(graphs.manifest["precision"])
     sources = source_ids(tok, model.cfg.eos_id)
-    diffs, consistent, fed = greedy_parity(graphs, model, sources, steps)
-    report = ParityReport(precision, steps, max(diffs), [float(f"{d:.3g}") for d in diffs], consistent)
+    diffs, agreement, consistent, fed = greedy_parity(graphs, model, sources, steps)
+    report = ParityReport(precision, steps, max(diffs), [float(f"{d:.3g}") for d in diffs], round(agreement, 4),
+                          consistent)
     report.padding_max_abs_diff = padding_invariance(graphs, sources, fed[:, :10])
     report.reorder_max_abs_diff, report.reorder_gather_exact = reorder_parity(graphs, model, sources)
-    tol, pad_tol = TOLERANCE[precision], PADDING_TOLERANCE[precision]
-    if report.greedy_max_abs_diff > tol:
+    tol = TOLERANCES[precision]
+    if report.greedy_max_abs_diff > tol.log_probs:
         worst = int(np.argmax(diffs))
         report.failures.append(f"greedy log-probs differ from PyTorch by {report.greedy_max_abs_diff:.3g} "
-                               f"(step {worst}) > {tol:g}")
+                               f"(step {worst}) > {tol.log_probs:g}")
+    if agreement < tol.top1_agreement:
+        report.failures.append(f"greedy argmax agrees with PyTorch at {agreement:.1%} of steps "
+                               f"< {tol.top1_agreement:.0%}")
     if not consistent:
         report.failures.append("topk_log_probs/topk_ids are not the top-k of log_probs")
-    if report.padding_max_abs_diff > pad_tol:
-        report.failures.append(f"padding changes log-probs by {report.padding_max_abs_diff:.3g} > {pad_tol:g}")
-    if report.reorder_max_abs_diff > tol:
+    if report.padding_max_abs_diff > tol.padding:
+        report.failures.append(f"padding changes log-probs by {report.padding_max_abs_diff:.3g} > {tol.padding:g}")
+    if report.reorder_max_abs_diff > tol.log_probs:
         report.failures.append(f"after cache_index reorder/compaction ORT differs from PyTorch by "
-                               f"{report.reorder_max_abs_diff:.3g} > {tol:g}")
+                               f"{report.reorder_max_abs_diff:.3g} > {tol.log_probs:g}")
     if not report.reorder_gather_exact:
         report.failures.append("in-graph cache_index gather differs from gathering past K/V on the host")
     return report

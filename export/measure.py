@@ -1,0 +1,80 @@
+"""Latency of entries' graphs under ONNX Runtime: `python -m export.measure ENTRY [ENTRY ...]`.
+
+Measures what graph optimisation and variants buy: wall time of one encoder call and one decoder
+step at a serving-like shape (16 sentences x beam 5 = 80 rows, source 20 tokens, 15 cached target
+positions) for every (entry, ORT optimisation level) pair. Calls are interleaved round-robin
+across the pairs so that load from other processes on a shared machine hits them all alike; the
+median and the minimum are reported (the minimum is the robust figure on a busy machine).
+Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.ort_graphs import OrtGraphs
+
+
+def _calls(g: OrtGraphs, batch: int, beams: int, src_len: int, past_len: int) -> tuple[Callable[[], object], ...]:
+    """(encoder call, decoder step call) on fixed random inputs."""
+    vocab = int(g.manifest["model_config"]["vocab_size"])
+    rng = np.random.default_rng(0)
+    src = rng.integers(4, vocab, size=(batch, src_len))
+    src[batch // 2 :, src_len - 5 :] = g.pad_id  # half the batch padded
+    rows = batch * beams
+    shape = (rows, g.heads, past_len, g.head_dim)
+    past = [rng.standard_normal(shape).astype(g.float_dtype) for _ in range(2 * g.layers)]
+    ids = rng.integers(4, vocab, size=(rows, 1))
+    pos, index, mask = np.full(rows, past_len), np.arange(rows), src != g.pad_id
+    cross = g.encode(src)
+    return (lambda: g.encode(src)), (lambda: g.step(ids, pos, mask, cross, past, index, topk=2 * beams))
+
+
+def measure(entries: list[Path], levels: list[str], threads: int = 1, repeats: int = 40, batch: int = 16,
+            beams: int = 5, src_len: int = 20, past_len: int = 15) -> list[dict[str, object]]:
+    """One result per (entry, level): load_ms, encoder/decoder_step median and min milliseconds."""
+    pairs, loads = [], []
+    for entry in entries:
+        for level in levels:
+            t0 = time.perf_counter()
+            g = OrtGraphs(entry, threads=threads, optimization=level)
+            loads.append((time.perf_counter() - t0) * 1e3)
+            pairs.append((entry, level, _calls(g, batch, beams, src_len, past_len)))
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in pairs]
+    for _ in range(repeats):
+        for (_, _, calls), (enc_t, dec_t) in zip(pairs, times, strict=True):
+            for fn, bucket in ((calls[0], enc_t), (calls[1], dec_t), (calls[1], dec_t)):
+                t = time.perf_counter()
+                fn()
+                bucket.append((time.perf_counter() - t) * 1e3)
+    out: list[dict[str, object]] = []
+    for (entry, level, _), load, (enc_t, dec_t) in zip(pairs, loads, times, strict=True):
+        out.append({
+            "entry": str(entry), "ort_level": level, "threads": threads, "load_ms": round(load, 1),
+            "encoder_median_ms": round(statistics.median(enc_t), 3), "encoder_min_ms": round(min(enc_t), 3),
+            "decoder_step_median_ms": round(statistics.median(dec_t), 3),
+            "decoder_step_min_ms": round(min(dec_t), 3),
+        })
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="+", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--levels", default="none,all", help="ORT graph optimisation levels: none,basic,extended,all")
+    parser.add_argument("--repeats", type=int, default=40)
+    args = parser.parse_args()
+    for row in measure(args.entries, args.levels.split(","), args.threads, args.repeats):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
