@@ -63,7 +63,7 @@ class ServerConfig:
     max_batch_tokens: int = 4096  # padded source tokens per engine batch (sentences * longest)
     max_wait_ms: float = 5.0  # how long the oldest queued sentence may wait for a fuller batch
     max_queue_sentences: int = 2048  # queued sentences per model; beyond it RESOURCE_EXHAUSTED at once
-    workers: int = 1  # engine batches run concurrently per model (executor threads, sessions shared)
+    workers: int = 0  # engine batches in flight per model (threads sharing its sessions); 0: one per core
     # Request limits
     max_sentences_per_request: int = 128  # Translate
     max_sentences_per_stream: int = 10000  # TranslateStream (fed to the queue progressively)
@@ -76,7 +76,7 @@ class ServerConfig:
     warmup: bool = True  # decode a few sentences before reporting SERVING
     # ONNX Runtime
     provider: str = "auto"  # "auto" (CUDA when usable, else CPU), "cuda" or "cpu"
-    intra_op_threads: int = 0  # per session; 0 lets ONNX Runtime use every core
+    intra_op_threads: int = 0  # threads per session call; 0: the engine's measured choice (1 on CPU)
     inter_op_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -84,7 +84,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise ValueError(f"{name} must be a TCP port (0 picks a free one), got {value}")
-        positive = ("max_batch_sentences", "max_batch_tokens", "max_queue_sentences", "workers",
+        positive = ("max_batch_sentences", "max_batch_tokens", "max_queue_sentences",
                     "max_sentences_per_request", "max_sentences_per_stream", "max_input_tokens",
                     "max_beam_size", "max_output_tokens", "max_message_bytes")
         for name in positive:
@@ -93,8 +93,8 @@ class ServerConfig:
         for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ValueError("intra_op_threads and inter_op_threads must be >= 0")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:
+            raise ValueError("intra_op_threads, inter_op_threads and workers must be >= 0")
         if self.max_sentences_per_request > self.max_queue_sentences:
             raise ValueError(f"max_sentences_per_request={self.max_sentences_per_request} exceeds "
                              f"max_queue_sentences={self.max_queue_sentences}: such a request could never run")

@@ -199,7 +199,10 @@ class Scheduler:
             else:
                 del self._groups[options]
         for fut in ticket.futures:
-            fut.cancel()
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # mark a failure nobody will await as retrieved
+            else:
+                fut.cancel()
         if removed:
             self._queued -= removed
             reason = "deadline" if ticket.deadline is not None and time.monotonic() >= ticket.deadline else "cancelled"
