@@ -88,6 +88,20 @@ def _cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_package(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tok = load_checkpoint(Path(args.checkpoint))
+    dtype = torch.float16 if args.fp16 else None
+    save_checkpoint(Path(args.out), model, tok, dtype=dtype, metadata={"packaged_from": str(args.checkpoint)})
+    print(args.out)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_command
 
@@ -111,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="run folder (TrainConfig.out_dir)")
     p.add_argument("--last", type=int, default=5)
     p.set_defaults(func=_cmd_average)
+
+    p = sub.add_parser("package", help="copy a checkpoint folder for shipping, optionally with fp16 weights")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    p.set_defaults(func=_cmd_package)
 
     p = sub.add_parser("evaluate", help="sacreBLEU + chrF of a checkpoint on a test file pair")
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
