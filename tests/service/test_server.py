@@ -297,6 +297,17 @@ def test_cancelled_call_has_its_queued_work_removed(narrow_server: Any, german: 
     assert len(stub.Translate(request(german[:2], GREEDY), timeout=30).results) == 2
 
 
+def test_cancelled_stream_has_its_queued_work_removed(narrow_server: Any, german: list[str]) -> None:
+    slow = occupy(narrow_server, german)
+    stream = narrow_server.stub().TranslateStream(request(german[4:12], GREEDY), timeout=60)
+    wait_until(lambda: narrow_server.metric("rosetta_queue_depth_sentences", model="tiny") == 8)
+    stream.cancel()
+    wait_until(lambda: narrow_server.metric("rosetta_queue_depth_sentences", model="tiny") == 0)
+    assert narrow_server.metric("rosetta_dropped_sentences_total", model="tiny", reason="cancelled") == 8
+    assert len(slow.result().results) == 4
+    wait_until(lambda: narrow_server.metric("rosetta_requests_in_flight", model="tiny") == 0)
+
+
 def test_engine_failure_fails_only_that_batch(server: Any, german: list[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     engine = server.server.translator.resolve("tiny").engine

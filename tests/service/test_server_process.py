@@ -75,18 +75,25 @@ def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(tiny_entry: Path
         # Distinct options: every call is its own batch on the one worker, so they finish one by one.
         futures = [stubs[i % 4].Translate.future(
             pb.TranslateRequest(sentences=german[i * 2: i * 2 + 2],
-                                options=pb.DecodingOptions(beam_size=4, min_decoding_length=40 + i)), timeout=120)
-            for i in range(16)]
-        time.sleep(0.3)
-        pending = sum(not f.done() for f in futures)
+                                options=pb.DecodingOptions(beam_size=4, min_decoding_length=80 + i)), timeout=120)
+            for i in range(12)]
+        while not any(f.done() for f in futures):  # the server is busy with them
+            time.sleep(0.001)
         server.proc.send_signal(signal.SIGTERM)
-        server.wait_for(r"draining")
+        pending = sum(not f.done() for f in futures)
         assert pending > 0, "every call finished before SIGTERM: the test proves nothing"
+        server.wait_for(r"draining")
+        refused = None
+        for _ in range(100):  # new calls are refused once the drain has begun (in flight ones still run)
+            try:
+                stubs[0].Translate(pb.TranslateRequest(sentences=["Hallo."]), timeout=5)
+            except grpc.RpcError as err:
+                refused = err.code()
+                break
+            time.sleep(0.02)
+        assert refused == grpc.StatusCode.UNAVAILABLE
         replies = [f.result() for f in futures]  # raises if any call was lost
         assert all(len(r.results) == 2 for r in replies)
-        with pytest.raises(grpc.RpcError) as info:  # no new calls while draining or after
-            stubs[0].Translate(pb.TranslateRequest(sentences=["Hallo."]), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.proc.wait(60) == 0
         server.wait_for(r"stopped")
         for ch in channels:
