@@ -6,6 +6,7 @@ everything below them speaks DecodingOptions and plain dataclasses.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.options import DecodingOptions
@@ -32,8 +33,15 @@ _FROM_PB: dict[int, str] = {int(v): k for k, v in FINISH_REASONS.items()}
 
 
 def options_from_pb(options: pb.DecodingOptions) -> dict[str, Any]:
-    """The fields a request set, by DecodingOptions name (unset fields are absent: server defaults)."""
-    return {ours: getattr(options, theirs) for theirs, ours in OPTION_FIELDS.items() if options.HasField(theirs)}
+    """The fields a request set, by DecodingOptions name (unset fields are absent: server defaults).
+
+    float fields travel as float32: they are brought back to the shortest decimal that round-trips
+    (0.6f -> 0.6, not 0.6000000238), so a client asking for 0.6 decodes exactly like a local 0.6."""
+    given = {ours: getattr(options, theirs) for theirs, ours in OPTION_FIELDS.items() if options.HasField(theirs)}
+    for name, value in given.items():
+        if isinstance(value, float) and math.isfinite(value):
+            given[name] = float(f"{value:.7g}")
+    return given
 
 
 def options_to_pb(options: DecodingOptions | dict[str, Any] | None) -> pb.DecodingOptions:

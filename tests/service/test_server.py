@@ -62,7 +62,9 @@ def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
 # -- round trip ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [GREEDY, BEAM4], ids=["greedy", "beam4-nbest2"])
+@pytest.mark.parametrize("options", [GREEDY, BEAM4, DecodingOptions(beam_size=3, length_penalty=0.6,
+                                                                     max_decoding_length_ratio=1.3)],
+                         ids=["greedy", "beam4-nbest2", "beam3-alpha0.6-ratio1.3"])
 def test_served_translation_equals_the_engines(server: Any, tiny_engine: Any, german: list[str],
                                                options: DecodingOptions) -> None:
     sentences = german[:24]
