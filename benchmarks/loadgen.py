@@ -54,9 +54,9 @@ class RunResult:
     mode: str  # "closed" or "open"
     level: float  # concurrency (closed) or offered requests/s (open)
     duration_s: float
-    requests: int  # answered OK within the measured window
+    requests: int  # calls started in the measured window and answered OK (the latency samples)
     errors: dict[str, int] = field(default_factory=dict)  # gRPC status name -> count
-    sentences_per_s: float = 0.0
+    sentences_per_s: float = 0.0  # answered inside the window, per second
     requests_per_s: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -72,14 +72,30 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-def summarize(label: str, mode: str, level: float, duration_s: float, latencies_s: list[float],
-              errors: dict[str, int], sentences_per_request: int) -> RunResult:
-    lat = sorted(x * 1000 for x in latencies_s)
-    n = len(lat)
-    return RunResult(label, mode, level, duration_s, n, dict(errors),
-                     sentences_per_s=n * sentences_per_request / duration_s, requests_per_s=n / duration_s,
+@dataclass(frozen=True)
+class Sample:
+    start: float  # perf_counter when the call was due (open loop: its scheduled time)
+    end: float
+    code: str  # gRPC status name
+
+
+def summarize(label: str, mode: str, level: float, window: tuple[float, float], samples: list[Sample],
+              sentences_per_request: int) -> RunResult:
+    """Throughput: calls answered OK inside the window / its length. Latency: every OK call that started
+    inside the window (those finishing after it included). Errors: calls started inside the window."""
+    lo, hi = window
+    duration = hi - lo
+    started = [s for s in samples if lo <= s.start < hi]
+    lat = sorted((s.end - s.start) * 1000 for s in started if s.code == "OK")
+    done = sum(1 for s in samples if s.code == "OK" and lo <= s.end < hi)
+    errors: dict[str, int] = {}
+    for s in started:
+        if s.code != "OK":
+            errors[s.code] = errors.get(s.code, 0) + 1
+    return RunResult(label, mode, level, duration, len(lat), errors,
+                     sentences_per_s=done * sentences_per_request / duration, requests_per_s=done / duration,
                      p50_ms=percentile(lat, 0.5), p90_ms=percentile(lat, 0.9), p99_ms=percentile(lat, 0.99),
-                     mean_ms=sum(lat) / n if n else float("nan"))
+                     mean_ms=sum(lat) / len(lat) if lat else float("nan"))
 
 
 class Load:
@@ -109,60 +125,54 @@ class Load:
         except grpc.aio.AioRpcError as err:
             return err.code().name
 
+    def rewind(self) -> None:
+        """Start again from the first sentence, so every level and server sees the same requests."""
+        self._next = 0
+
     async def close(self) -> None:
         for ch in self.channels:
             await ch.close()
 
 
-async def closed_loop(load: Load, concurrency: int, duration_s: float, warmup_s: float) -> tuple[list[float], dict]:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
+async def closed_loop(load: Load, concurrency: int, duration_s: float,
+                      warmup_s: float) -> tuple[list[Sample], tuple[float, float]]:
+    """`concurrency` callers, each sending its next call when the previous one is answered, until the
+    window ends; returns every call and the measured window."""
+    samples: list[Sample] = []
     t0 = time.perf_counter()
-    measure_from, stop_at = t0 + warmup_s, t0 + warmup_s + duration_s
+    window = (t0 + warmup_s, t0 + warmup_s + duration_s)
 
     async def caller() -> None:
-        while True:
-            start = time.perf_counter()
-            if start >= stop_at:
-                return
+        while (start := time.perf_counter()) < window[1]:
             code = await load.call()
-            end = time.perf_counter()
-            if start >= measure_from and end <= stop_at:
-                if code == "OK":
-                    latencies.append(end - start)
-                else:
-                    errors[code] = errors.get(code, 0) + 1
+            samples.append(Sample(start, time.perf_counter(), code))
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return latencies, errors
+    return samples, window
 
 
 async def open_loop(load: Load, rate: float, duration_s: float, warmup_s: float,
-                    rng: random.Random) -> tuple[list[float], dict]:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
+                    rng: random.Random) -> tuple[list[Sample], tuple[float, float]]:
+    """Calls started on a Poisson schedule of `rate` per second until the window ends, whatever the
+    answers do; latency counts from the scheduled start (no coordinated omission)."""
+    samples: list[Sample] = []
     t0 = time.perf_counter()
-    measure_from, stop_at = t0 + warmup_s, t0 + warmup_s + duration_s
+    window = (t0 + warmup_s, t0 + warmup_s + duration_s)
     tasks: list[asyncio.Task[None]] = []
 
     async def one(scheduled: float) -> None:
         code = await load.call()
-        end = time.perf_counter()
-        if scheduled >= measure_from:
-            if code == "OK":
-                latencies.append(end - scheduled)  # from the scheduled start: queueing in the client counts
-            else:
-                errors[code] = errors.get(code, 0) + 1
+        samples.append(Sample(scheduled, time.perf_counter(), code))
 
     next_at = t0
-    while next_at < stop_at:
+    while next_at < window[1]:
         delay = next_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(next_at)))
         next_at += rng.expovariate(rate)
     await asyncio.gather(*tasks)
-    return latencies, errors
+    return samples, window
 
 
 async def run_suite(label: str, target: str, args: argparse.Namespace, sentences: list[str]) -> list[RunResult]:
@@ -173,12 +183,14 @@ async def run_suite(label: str, target: str, args: argparse.Namespace, sentences
         for _ in range(3):  # first calls pay for connection set-up
             await load.call()
         for c in args.closed:
-            lat, err = await closed_loop(load, c, args.duration_s, args.warmup_s)
-            results.append(summarize(label, "closed", c, args.duration_s, lat, err, args.sentences_per_request))
+            load.rewind()
+            samples, window = await closed_loop(load, c, args.duration_s, args.warmup_s)
+            results.append(summarize(label, "closed", c, window, samples, args.sentences_per_request))
             print(row(results[-1]), flush=True)
         for r in args.rates:
-            lat, err = await open_loop(load, r, args.duration_s, args.warmup_s, random.Random(args.seed))
-            results.append(summarize(label, "open", r, args.duration_s, lat, err, args.sentences_per_request))
+            load.rewind()
+            samples, window = await open_loop(load, r, args.duration_s, args.warmup_s, random.Random(args.seed))
+            results.append(summarize(label, "open", r, window, samples, args.sentences_per_request))
             print(row(results[-1]), flush=True)
     finally:
         await load.close()
@@ -196,6 +208,24 @@ def row(r: RunResult) -> str:
             f"{r.p50_ms:.0f} | {r.p90_ms:.0f} | {r.p99_ms:.0f} | {errors} |")
 
 
+def gain_table(results: list[RunResult], baseline: str) -> str:
+    """Closed-loop throughput of every server over `baseline`'s, level by level (Markdown)."""
+    base = {r.level: r for r in results if r.label == baseline and r.mode == "closed"}
+    others = [label for label in dict.fromkeys(r.label for r in results) if label != baseline]
+    if not base or not others:
+        return ""
+    lines = [f"| concurrency | {baseline} sent/s | " + " | ".join(f"{o} sent/s | gain" for o in others) + " |",
+             "|---:|---:|" + "---:|---:|" * len(others)]
+    for level, b in sorted(base.items()):
+        cells = []
+        for o in others:
+            r = next((x for x in results if x.label == o and x.mode == "closed" and x.level == level), None)
+            gain = f"{r.sentences_per_s / b.sentences_per_s:.2f}x" if r and b.sentences_per_s else "-"
+            cells.append(f"{r.sentences_per_s:.1f} | {gain}" if r else "- | -")
+        lines.append(f"| {int(level)} | {b.sentences_per_s:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: list[RunResult], path: Path) -> bool:
     try:
         import matplotlib
@@ -206,18 +236,20 @@ def plot(results: list[RunResult], path: Path) -> bool:
         print("matplotlib not installed: no PNG", file=sys.stderr)
         return False
     labels = list(dict.fromkeys(r.label for r in results))
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for label in labels:
+        c = colors[label]
         closed = [r for r in results if r.label == label and r.mode == "closed"]
         opened = [r for r in results if r.label == label and r.mode == "open"]
         if closed:
-            axes[0].plot([r.level for r in closed], [r.sentences_per_s for r in closed], "o-", label=label)
+            axes[0].plot([r.level for r in closed], [r.sentences_per_s for r in closed], "o-", color=c, label=label)
             for q, style in (("p50_ms", "o-"), ("p99_ms", "x--")):
-                axes[1].plot([r.level for r in closed], [getattr(r, q) for r in closed], style,
+                axes[1].plot([r.level for r in closed], [getattr(r, q) for r in closed], style, color=c,
                              label=f"{label} {q[:3]}")
         if opened:
             for q, style in (("p50_ms", "o-"), ("p90_ms", "s:"), ("p99_ms", "x--")):
-                axes[2].plot([r.level for r in opened], [getattr(r, q) for r in opened], style,
+                axes[2].plot([r.level for r in opened], [getattr(r, q) for r in opened], style, color=c,
                              label=f"{label} {q[:3]}")
     axes[0].set(title="closed loop: throughput", xlabel="concurrent callers", ylabel="sentences / s", xscale="log")
     axes[1].set(title="closed loop: latency", xlabel="concurrent callers", ylabel="ms", xscale="log", yscale="log")
@@ -292,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                    "test_2016_flickr.de.gz", help="German sentences, one per line")
     p.add_argument("--limit", type=int, default=1000, help="use the first N sentences")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", default="", help="label the gain table compares against (default: the last)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "loadgen",
                    help="writes OUT.json, OUT.md and OUT.png")
     args = p.parse_args(argv)
@@ -316,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
                                                         indent=2) + "\n")
     table = "\n".join([HEADER, *(row(r) for r in results)])
+    labels = list(dict.fromkeys(r.label for r in results))
+    gains = gain_table(results, args.baseline or labels[-1]) if labels else ""
+    if gains:
+        print("\n" + gains)
+        table += "\n\nClosed-loop throughput against " + (args.baseline or labels[-1]) + ":\n\n" + gains
     args.out.with_suffix(".md").write_text(table + "\n")
     png = args.out.with_suffix(".png")
     if plot(results, png):
