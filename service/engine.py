@@ -36,12 +36,13 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine_entry import ModelEntry, ModelEntryError, read_entry
-from service.engine_search import Search, SpecialIds, StepRequest, make_search
+from service.engine_search import Search, SpecialIds, StepRequest, StepScores, make_search
 from service.options import DecodingOptions, TranslationResult
 from service.ort_runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
 from service.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineConfig", "EngineObserver", "ModelEntryError", "ProviderUnavailable", "batches_by_length"]
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "ModelEntryError", "ProviderUnavailable", "StepModel",
+           "batches_by_length", "run_search"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,33 @@ def batches_by_length(lengths: Sequence[int], max_tokens: int, max_sentences: in
         yield batch
 
 
+class StepModel(Protocol):
+    """What a decoding loop drives: `service.ort_runtime.OrtModel` (the benchmarks add a PyTorch one)."""
+
+    def encode(self, src_ids: np.ndarray) -> Any: ...
+
+    def step(self, state: Any, request: StepRequest) -> StepScores: ...
+
+
+def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
+               observer: EngineObserver | None = None) -> list[TranslationResult]:
+    """One batch: encode once, then one decoder step per generated token until the search is done.
+
+    src_ids (B, S) int64 padded; returns the search's results, one per sentence, in order."""
+    started = time.perf_counter()
+    state = model.encode(src_ids)
+    if observer is not None:
+        observer.on_encoder(time.perf_counter() - started)
+    request: StepRequest | None = search.start()
+    while request is not None:
+        started = time.perf_counter()
+        scores = model.step(state, request)
+        if observer is not None:
+            observer.on_decoder_step(time.perf_counter() - started, int(request.input_ids.shape[0]))
+        request = search.advance(scores)
+    return search.results()
+
+
 class Engine:
     """One loaded model-repository entry, ready to translate. Create with `Engine.load`."""
 
@@ -135,10 +163,10 @@ class Engine:
         self.tokenizer: Tokenizer = entry.tokenizer
         self.provider: str = model.device  # "cpu" or "cuda": the one actually in use
         self.workers: int = workers  # concurrent translate_ids calls the threading is sized for
-        self._model = model
+        self.runtime = model  # the sessions; `run_search(engine.runtime, ...)` drives them directly
         cfg = entry.config
-        self._ids = SpecialIds(cfg.pad_id, cfg.bos_id, cfg.eos_id)
-        self._vocab = cfg.vocab_size
+        self.special_ids = SpecialIds(cfg.pad_id, cfg.bos_id, cfg.eos_id)
+        self.vocab_size: int = cfg.vocab_size
         # Positions index a table of max_positions rows: a source needs room for its eos, a target
         # for its eos at position max_length - 1.
         self.max_source_tokens: int = cfg.max_positions - 1  # tokens without the eos the engine appends
@@ -208,21 +236,9 @@ class Engine:
         if not sources:
             return []
         self._check_lengths(sources)
-        src, max_lens = self._pad(sources, options)
-        search: Search = make_search(max_lens, options, self._ids, self._vocab)
-
-        started = time.perf_counter()
-        state = self._model.encode(src)
-        if observer is not None:
-            observer.on_encoder(time.perf_counter() - started)
-        request: StepRequest | None = search.start()
-        while request is not None:
-            started = time.perf_counter()
-            scores = self._model.step(state, request)
-            if observer is not None:
-                observer.on_decoder_step(time.perf_counter() - started, int(request.input_ids.shape[0]))
-            request = search.advance(scores)
-        return [self._detokenize(r) for r in search.results()]
+        src, max_lens = self.pad_sources(sources, options)
+        search = make_search(max_lens, options, self.special_ids, self.vocab_size)
+        return [self._detokenize(r) for r in run_search(self.runtime, src, search, observer)]
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -232,17 +248,17 @@ class Engine:
                 raise ValueError(f"source {i} has {len(s)} tokens; this model takes at most "
                                  f"{self.max_source_tokens} (max_positions - 1 for eos)")
 
-    def _pad(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> tuple[np.ndarray, list[int]]:
+    def pad_sources(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> tuple[np.ndarray, list[int]]:
         """(src_ids (B, S) int64 with eos appended and pad after it, per-sentence length caps)."""
-        eos, pad = self._ids.eos, self._ids.pad
+        eos, pad = self.special_ids.eos, self.special_ids.pad
         width = max(len(s) for s in sources) + 1
         src = np.full((len(sources), width), pad, dtype=np.int64)
         for i, s in enumerate(sources):
             src[i, : len(s)] = s
             src[i, len(s)] = eos
-        if src.size and (src.min() < 0 or src.max() >= self._vocab):
-            bad = next(i for i, s in enumerate(sources) if any(not 0 <= t < self._vocab for t in s))
-            raise ValueError(f"source {bad} has a token id outside the vocabulary [0, {self._vocab})")
+        if src.size and (src.min() < 0 or src.max() >= self.vocab_size):
+            bad = next(i for i, s in enumerate(sources) if any(not 0 <= t < self.vocab_size for t in s))
+            raise ValueError(f"source {bad} has a token id outside the vocabulary [0, {self.vocab_size})")
         max_lens = [min(options.max_length_for(len(s) + 1), self.max_target_tokens) for s in sources]
         return src, max_lens
 
