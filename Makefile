@@ -31,5 +31,8 @@ lint:
 pytest:
 	$(BIN)/python -m pytest -q
 
+protos:
+	$(BIN)/python -m service.proto.generate
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
