@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.deploy.test_images import TRAINING_ONLY
 from tests.deploy.tools import (
@@ -37,6 +36,7 @@ from tests.deploy.tools import (
     load_rules,
     tool,
     variable_selectors,
+    yaml,
 )
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.deploy.crd_schemas import CUSTOM_RESOURCES
-from tests.deploy.tools import ADAPTER_VALUES, DEPLOY, INSTALL, OVERLAYS, Builder, config_from_env, find, one
+from tests.deploy.tools import ADAPTER_VALUES, DEPLOY, INSTALL, OVERLAYS, Builder, config_from_env, find, one, yaml
 
 # Oldest Kubernetes the manifests target (native gRPC probes are GA from 1.27) and the newest schema
 # kubernetes-validate ships: a field must exist in both.

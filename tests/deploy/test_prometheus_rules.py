@@ -8,8 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.deploy.tools import (
     DEPLOY,
     RULES_FILE,
@@ -21,6 +19,7 @@ from tests.deploy.tools import (
     one,
     server_series_names,
     tool,
+    yaml,
 )
 
 

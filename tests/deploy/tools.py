@@ -27,7 +27,8 @@ from typing import Any
 from unittest import mock
 
 import pytest
-import yaml
+
+yaml = pytest.importorskip("yaml", reason="PyYAML missing; pip install kubernetes-validate (it brings PyYAML)")
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
