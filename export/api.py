@@ -67,7 +67,8 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     cfg = ExportConfig(**{**(config.__dict__ if config else {}), **overrides})
     checkpoint, out = Path(checkpoint), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
     model, _ = load_checkpoint(checkpoint)
     float_dtype = "float16" if cfg.precision == "fp16" else "float32"
     if cfg.precision == "fp16":
@@ -75,7 +76,8 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     with torch.no_grad():
         encoder = export_encoder(model, float_dtype, cfg.optimize)
         decoder = export_decoder(model, float_dtype, cfg.optimize)
-    log.info("traced %s graphs in %.1fs", cfg.precision, time.perf_counter() - started)
+    timings["trace_seconds"] = round(time.perf_counter() - started, 2)
+    log.info("traced %s graphs in %.1fs", cfg.precision, timings["trace_seconds"])
 
     with tempfile.TemporaryDirectory(prefix="rosetta-export-") as tmp:
         enc_path, dec_path = Path(tmp) / ENCODER_FILE, Path(tmp) / DECODER_FILE
@@ -112,22 +114,46 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         "optimized": cfg.optimize,
         "quality": {},
         "export_seconds": 0.0,
+        "timings": timings,
     }
+    timings["write_seconds"] = round(time.perf_counter() - started, 2)  # cumulative: graphs on disk
     write_manifest(out, manifest)  # the parity check and evaluation read the entry back
 
     if cfg.check:
         from export.parity import check_entry
 
+        t0 = time.perf_counter()
         report = check_entry(out, checkpoint)
         manifest["parity"] = report.to_dict()
+        timings["check_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg.evaluate_dir:
         from export.evaluate import evaluate_entry
 
+        t0 = time.perf_counter()
         manifest["quality"] = evaluate_entry(out, Path(cfg.evaluate_dir), cfg, cfg.evaluate_sentences)
+        timings["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
     manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+    timings["cpu_seconds"] = round(time.process_time() - cpu_started, 2)  # this process; wall depends on load
     write_manifest(out, manifest)
     log.info("exported %s entry %s in %.1fs", cfg.precision, out, manifest["export_seconds"])
     return out
+
+
+def export_repository(checkpoint: str | Path, repository: str | Path, name: str, version: str = "1",
+                      precisions: tuple[str, ...] = ("fp32", "int8"), **overrides: Any) -> list[Path]:
+    """Export one checkpoint in several precisions: `repository/NAME/VERSION` for fp32 and
+    `repository/NAME-PRECISION/VERSION` for the others, each compared with the fp32 entry when
+    evaluated. Returns the entry folders, fp32 first. `overrides` are ExportConfig fields."""
+    root = Path(repository)
+    fp32 = export_entry(checkpoint, root / name / version, precision="fp32", name=name, version=version, **overrides)
+    entries = [fp32]
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        variant = f"{name}-{precision}"
+        entries.append(export_entry(checkpoint, root / variant / version, precision=precision, name=variant,
+                                    version=version, reference_entry=str(fp32), **overrides))
+    return entries
 
 
 def load_manifest(entry: str | Path) -> dict[str, Any]:

@@ -58,6 +58,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from export.manifest import read_manifest
 
     manifest = read_manifest(out)
-    summary = {k: manifest.get(k) for k in ("name", "version", "precision", "export_seconds", "quality", "parity")}
+    summary = {k: manifest.get(k) for k in ("name", "version", "precision", "export_seconds", "timings", "quality")}
+    if "parity" in manifest:
+        summary["parity"] = {k: v for k, v in manifest["parity"].items() if k != "greedy_step_max_abs_diff"}
     print(json.dumps({"entry": str(out), **summary}, indent=2))
     return 0

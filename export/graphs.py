@@ -35,6 +35,7 @@ dim to the signature's symbolic names, then the result is checked against the si
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import onnx
@@ -111,12 +112,27 @@ def _dynamic_shapes(spec: sig.GraphSignature, dims: dict[str, Any]) -> list[dict
     return out
 
 
+# Loggers of the export toolchain that report every pass at INFO; kept at WARNING while tracing.
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+
+
 def _export(module: nn.Module, args: tuple[Tensor, ...], spec: sig.GraphSignature,
             dynamic_shapes: Any, optimize: bool) -> onnx.ModelProto:
-    program = torch.onnx.export(
-        module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names(),
-        output_names=spec.output_names(), dynamic_shapes=dynamic_shapes, verbose=False, optimize=optimize,
-    )
+    saved = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
+    try:
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            # "The axis name: past_len will not be used, since it shares the same shape constraints
+            # with another axis": expected, finalize_graph names every axis from the signature.
+            warnings.filterwarnings("ignore", message="The axis name", category=UserWarning)
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names(),
+                output_names=spec.output_names(), dynamic_shapes=dynamic_shapes, verbose=False, optimize=optimize,
+            )
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
     assert program is not None
     return program.model_proto
 

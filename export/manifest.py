@@ -14,7 +14,10 @@ Torch-free. Keys (the engine relies on these exact names):
     library_versions   {"torch", "onnx", "onnxruntime", ...} used for the export
     quality            measured quality, e.g. {"test_2016_flickr": {"bleu": 36.1, "signature": "..."},
                         "vs_fp32": {"bleu_delta": -0.2, ...}}; {} when not measured
-    export_seconds     wall time of the export (graphs, optimisation, variant conversion, check)
+    export_seconds     wall time of the whole export (tracing, variant conversion, check, evaluation)
+    timings            {"trace_seconds", "write_seconds", "check_seconds", "evaluate_seconds",
+                        "cpu_seconds"}: where that time went (wall, cumulative for write; CPU of the process)
+    parity             the parity report (export/parity.py) when exported with --check
 """
 
 from __future__ import annotations

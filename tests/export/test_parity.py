@@ -92,3 +92,22 @@ def test_check_entry_fails_loudly_when_the_graphs_are_not_the_checkpoint(
     save_checkpoint(tmp_path / "drifted", model, tok)
     with pytest.raises(ParityError, match=r"greedy log-probs differ from PyTorch by .* > 0\.0001"):
         check_entry(tiny_repository_entry, tmp_path / "drifted")
+
+
+@torch.no_grad()
+def test_dynamic_axes_accept_one_sentence_of_one_token_and_any_past_length(
+        tiny_graphs, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """batch = src_len = rows = prev_rows = 1, past_len 0, 1, 2: the smallest shapes still match PyTorch."""
+    model = tiny_model[0]
+    src = np.array([[model.cfg.eos_id]], dtype=np.int64)
+    cross_o, cross_t = tiny_graphs.encode(src), model.cross_kv(model.encode(torch.from_numpy(src)))
+    past_o, past_t = tiny_graphs.empty_past(1), model.empty_cache(1)
+    ids = np.array([[model.cfg.bos_id]])
+    for step in range(3):
+        pos = np.array([step])
+        out = tiny_graphs.step(ids, pos, src != 0, cross_o, past_o, np.array([0]))
+        lp, past_t = model.decode_step(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(src != 0),
+                                       cross_t, past_t, torch.tensor([0]))
+        np.testing.assert_allclose(out.log_probs, lp.numpy(), atol=1e-4)
+        assert out.present[0].shape == (1, tiny_graphs.heads, step + 1, tiny_graphs.head_dim)
+        past_o, ids = out.present, np.array([[5 + step]])
