@@ -92,18 +92,19 @@ class OrtModel:
         when CUDA cannot be registered or fails to run. Raises ModelEntryError on a graph mismatch.
         """
         so = session_options(settings)
-        try:
-            encoder = ort.InferenceSession(str(entry.encoder_file), so, providers=PROVIDERS[device])
-            decoder = ort.InferenceSession(str(entry.decoder_file), so, providers=PROVIDERS[device])
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            if device == CUDA:
-                raise ProviderUnavailable(f"creating CUDA sessions failed: {err}") from err
-            raise
+        sessions: list[ort.InferenceSession] = []
+        for path in (entry.encoder_file, entry.decoder_file):  # the encoder first: a CUDA probe stops early
+            try:
+                session = ort.InferenceSession(str(path), so, providers=PROVIDERS[device])
+            except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+                if device == CUDA:
+                    raise ProviderUnavailable(f"creating a CUDA session failed: {err}") from err
+                raise
+            if device == CUDA and session.get_providers()[0] != "CUDAExecutionProvider":
+                raise ProviderUnavailable(f"onnxruntime fell back to {session.get_providers()} (no usable CUDA)")
+            sessions.append(session)
+        encoder, decoder = sessions
         check_sessions(entry, encoder, decoder)
-        if device == CUDA:
-            for s in (encoder, decoder):
-                if s.get_providers()[0] != "CUDAExecutionProvider":
-                    raise ProviderUnavailable(f"onnxruntime fell back to {s.get_providers()} (no usable CUDA)")
         model = cls(entry, encoder, decoder, device)
         if device == CUDA:
             model.smoke_test()

@@ -1,0 +1,268 @@
+"""Side-by-side CPU benchmark: this engine (fp32, int8), the PyTorch reference, CTranslate2 (fp32, int8).
+
+    python benchmarks/engine_benchmark.py --checkpoint runs/de-en/averaged \\
+        --fp32 models/model_repository/de-en/1 --int8 models/model_repository/de-en-int8/1 \\
+        [--sentences 1000] [--batch-sizes 32,1] [--out benchmarks/results]
+
+test_2016_flickr DE->EN, beam 4, every system on the same sentences in chunks of 250 (each chunk sorted
+by length and cut into batches of --batch-sizes sentences), with all cores of the machine:
+- engine-fp32 / engine-int8: `Engine.translate_batch` with its measured CPU threading (one intra-op
+  thread per call, one batch per core);
+- pytorch: `model.decode` (the reference beam search) with torch using every core;
+- ct2-fp32 / ct2-int8: CTranslate2 on the same weights (converted by benchmarks/ct2_convert.py and
+  checked against PyTorch first), inter_threads = cores, intra_threads = 1 (its best setting on 2 cores).
+Each (system, batch size) runs in its own child process, so peak memory (max RSS) is per system; the
+engine's child never imports torch. Reports sentences/s, target tokens/s (generated tokens, eos
+excluded), peak RSS and sacreBLEU, as a Markdown table (stdout and OUT/engine_benchmark.md), JSON and
+a PNG (OUT/engine_benchmark.png). Progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service.options import DecodingOptions
+
+CHUNK = 250  # sentences per call: every system gets the same chunks, each sorted by length inside
+SYSTEMS = ("engine-fp32", "engine-int8", "pytorch", "ct2-fp32", "ct2-int8")
+BEAM = 4
+# One absolute length cap for every system (CTranslate2 has no cap relative to the source length):
+# at most MAX_LENGTH tokens with eos for us, i.e. MAX_LENGTH - 1 decoding steps before eos in CTranslate2.
+MAX_LENGTH = 256
+
+
+def options() -> DecodingOptions:
+    return DecodingOptions(beam_size=BEAM, max_decoding_length=MAX_LENGTH, max_decoding_length_ratio=0.0)
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def read(path: Path) -> list[str]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+# -- children: one system at one batch size -------------------------------------------------------------
+
+
+def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float]:
+    from tqdm import tqdm
+
+    from service.engine import Engine, EngineConfig
+
+    engine = Engine.load(entry, EngineConfig(provider="cpu", max_batch_sentences=batch, max_batch_tokens=1 << 30))
+    opts = options()
+    engine.translate_batch(lines[:8], opts)  # warm-up: first-run allocations
+    texts: list[str] = []
+    lengths: list[int] = []
+    started = time.perf_counter()
+    with tqdm(total=len(lines), desc=f"engine b{batch}", unit="sent", file=sys.stderr) as bar:
+        for start in range(0, len(lines), CHUNK):
+            for r in engine.translate_batch(lines[start:start + CHUNK], opts, progress=bar.update):
+                texts.append(r.hypotheses[0].text)
+                lengths.append(len(r.hypotheses[0].tokens))
+    return texts, lengths, time.perf_counter() - started
+
+
+def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float]:
+    import torch
+    from tqdm import tqdm
+
+    from model.checkpoint import load_checkpoint
+    from model.data import pad
+    from model.decode import batches_by_length, decode
+
+    torch.set_num_threads(cores())
+    model, tok = load_checkpoint(Path(checkpoint))
+    opts = options()
+    ids = [s + [tok.eos_id] for s in tok.encode_batch(lines)]
+    decode(model, pad(ids[:8], model.cfg.pad_id), opts)  # warm-up
+    texts: list[str] = [""] * len(lines)
+    lengths = [0] * len(lines)
+    started = time.perf_counter()
+    with tqdm(total=len(lines), desc=f"pytorch b{batch}", unit="sent", file=sys.stderr) as bar:
+        for start in range(0, len(lines), CHUNK):
+            chunk = list(range(start, min(start + CHUNK, len(lines))))
+            for idx in batches_by_length([len(ids[i]) for i in chunk], 1 << 30, batch):
+                rows = [chunk[j] for j in idx]
+                for i, r in zip(rows, decode(model, pad([ids[i] for i in rows], model.cfg.pad_id), opts),
+                                strict=True):
+                    texts[i] = tok.decode(r.hypotheses[0].tokens)
+                    lengths[i] = len(r.hypotheses[0].tokens)
+                bar.update(len(rows))
+    return texts, lengths, time.perf_counter() - started
+
+
+def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int,
+            compute_type: str) -> tuple[list[str], list[int], float]:
+    import ctranslate2
+    from tokenizers import Tokenizer
+    from tqdm import tqdm
+
+    hf = Tokenizer.from_file(tokenizer)
+    translator = ctranslate2.Translator(ct2_dir, device="cpu", compute_type=compute_type, inter_threads=cores(),
+                                        intra_threads=1)
+    src = [hf.encode(s, add_special_tokens=False).tokens + ["</s>"] for s in lines]
+    kwargs = dict(beam_size=BEAM, max_batch_size=batch, max_decoding_length=MAX_LENGTH - 1)
+    translator.translate_batch(src[:8], **kwargs)  # warm-up
+    texts: list[str] = []
+    lengths: list[int] = []
+    started = time.perf_counter()
+    with tqdm(total=len(lines), desc=f"{compute_type} ct2 b{batch}", unit="sent", file=sys.stderr) as bar:
+        for start in range(0, len(lines), CHUNK):
+            for r in translator.translate_batch(src[start:start + CHUNK], **kwargs):
+                out = [hf.token_to_id(t) for t in r.hypotheses[0]]
+                texts.append(hf.decode([i for i in out if i is not None], skip_special_tokens=True))
+                lengths.append(len(out))
+            bar.update(min(CHUNK, len(lines) - start))
+    return texts, lengths, time.perf_counter() - started
+
+
+def child(args: argparse.Namespace) -> int:
+    lines = read(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
+    system = args.child
+    if system.startswith("engine-"):
+        texts, lengths, seconds = run_engine(args.fp32 if system == "engine-fp32" else args.int8, lines, args.batch)
+    elif system == "pytorch":
+        texts, lengths, seconds = run_pytorch(args.checkpoint, lines, args.batch)
+    else:
+        texts, lengths, seconds = run_ct2(str(args.ct2_dir), str(Path(args.fp32) / "tokenizer.json"), lines, args.batch,
+                                 "float32" if system == "ct2-fp32" else "int8")
+    print(json.dumps({"texts": texts, "lengths": lengths, "decode_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                      "torch_imported": "torch" in sys.modules}))
+    return 0
+
+
+# -- parent: every system, table, PNG ------------------------------------------------------------------
+
+
+def run_child(argv: list[str]) -> dict[str, Any]:
+    """Run one child process; it times its translation loop itself (loading and warm-up excluded)."""
+    out = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, check=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def prepare_ct2(args: argparse.Namespace) -> None:
+    import ct2_convert  # benchmarks/ct2_convert.py
+
+    if not (args.ct2_dir / "model.bin").exists():
+        ct2_convert.convert(Path(args.checkpoint), args.ct2_dir)
+    lines = read(args.data_dir / "test_2016_flickr.de.gz")[:100]
+    report = ct2_convert.check(Path(args.checkpoint), args.ct2_dir, lines)
+    print(f"CTranslate2 conversion check: {report}", file=sys.stderr)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| system | batch | sentences/s | target tokens/s | peak RSS (MB) | BLEU | same output as engine-fp32 |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(f"| {r['system']} | {r['batch']} | {r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | {r['same_as_engine_fp32']} |\n" for r in rows)
+    return head + body
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows}, reverse=True)
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2))
+    colors = {s: c for s, c in zip(systems, ["#1f77b4", "#6baed6", "#d62728", "#2ca02c", "#98df8a"], strict=False)}
+    for ax, b in zip(axes, batches, strict=False):
+        vals = [next((r["sentences_per_s"] for r in rows if r["system"] == s and r["batch"] == b), 0.0)
+                for s in systems]
+        bars = ax.bar(systems, vals, color=[colors[s] for s in systems])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(f"beam {BEAM}, batch {b}: sentences/s")
+        ax.tick_params(axis="x", rotation=30)
+    ax = axes[-1]
+    mem = [max(r["peak_rss_mb"] for r in rows if r["system"] == s) for s in systems]
+    bars = ax.bar(systems, mem, color=[colors[s] for s in systems])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_title("peak RSS (MB), max over batch sizes")
+    ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parent(args: argparse.Namespace) -> int:
+    import sacrebleu
+
+    systems = [s for s in args.systems.split(",") if s]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    if any(s.startswith("ct2") for s in systems):
+        prepare_ct2(args)
+    refs = read(args.data_dir / "test_2016_flickr.en.gz")[: args.sentences]
+    common = ["--data-dir", str(args.data_dir), "--sentences", str(args.sentences), "--checkpoint", args.checkpoint,
+              "--fp32", args.fp32, "--int8", args.int8, "--ct2-dir", str(args.ct2_dir)]
+    runs = [(s, b) for b in batches for s in systems]
+    rows: list[dict[str, Any]] = []
+    outputs: dict[tuple[str, int], list[str]] = {}
+    for n, (system, batch) in enumerate(runs, 1):
+        print(f"[{n}/{len(runs)}] {system}, batch {batch}", file=sys.stderr)
+        started = time.perf_counter()
+        res = run_child(["--child", system, "--batch", str(batch), *common])
+        print(f"    {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        outputs[(system, batch)] = res["texts"]
+        seconds = res["decode_seconds"]  # the translation loop only: no loading, no warm-up
+        rows.append({"system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
+                     "sentences_per_s": len(res["texts"]) / seconds,
+                     "tokens_per_s": sum(res["lengths"]) / seconds, "peak_rss_mb": res["peak_rss_mb"],
+                     "bleu": sacrebleu.corpus_bleu(res["texts"], [refs]).score})
+    for r in rows:
+        base = outputs.get(("engine-fp32", r["batch"]))
+        mine = outputs[(r["system"], r["batch"])]
+        r["same_as_engine_fp32"] = "-" if base is None else \
+            f"{100 * sum(a == b for a, b in zip(mine, base, strict=True)) / len(base):.1f}%"
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = table(rows)
+    title = (f"test_2016_flickr DE->EN, {args.sentences} sentences, beam {BEAM}, {cores()} CPU cores "
+             f"({time.strftime('%Y-%m-%d')})")
+    (args.out / "engine_benchmark.md").write_text(f"{title}\n\n{md}")
+    (args.out / "engine_benchmark.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    plot(rows, args.out / "engine_benchmark.png", title)
+    print(f"\n{title}\n\n{md}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder: the PyTorch reference and CT2 source")
+    parser.add_argument("--fp32", required=True, help="fp32 model-repository entry exported from --checkpoint")
+    parser.add_argument("--int8", required=True, help="int8 model-repository entry exported from --checkpoint")
+    parser.add_argument("--ct2-dir", type=Path, default=Path("/tmp/rosetta-ct2"), help="converted CT2 model (made)")
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--batch-sizes", default="32,1")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
