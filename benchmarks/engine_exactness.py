@@ -33,7 +33,7 @@ from model.data import read_lines
 from model.decode import translate_ids as reference_translate
 from model.transformer import Transformer
 from service.engine import Engine, EngineConfig, run_search
-from service.engine_search import BeamSearch, StepRequest, StepScores, allowed_candidates, make_search
+from service.engine_search import BeamSearch, StepRequest, StepScores, make_search, masked_candidates
 from service.options import DecodingOptions, TranslationResult
 
 
@@ -82,8 +82,7 @@ def ranking(search: BeamSearch, scores: StepScores) -> list[tuple[float, int, in
     (one live sentence)."""
     step, per = search._step, search.scores.shape[1]
     row_max = np.repeat(search.max_lens[search.alive], per)
-    vals, toks = allowed_candidates(scores, step, 2 * search.k + 1, row_max, search.ids,
-                                    search.options.min_decoding_length)
+    vals, toks = masked_candidates(scores, step, row_max, search.ids, search.options.min_decoding_length)
     cand = search.scores.reshape(-1, 1) + vals
     out = [(float(cand[r, c]), r, int(toks[r, c])) for r in range(cand.shape[0]) for c in range(cand.shape[1])
            if cand[r, c] > -np.inf]

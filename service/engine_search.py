@@ -21,7 +21,8 @@ token-for-token identical to it:
 
 Why top-k is enough: the global top 2K of a sentence over K*V is contained in the union of each
 row's top 2K allowed tokens, and at most 3 tokens (pad, bos, eos) are not allowed, so the graph's
-top (2K+3) raw log-probs per row hold every candidate the reference can pick. Ranking ties between
+top (2K+3) raw log-probs per row hold every candidate the reference can pick (disallowed ones are
+set to -inf and rank last). Ranking ties between
 equal float64 candidates are broken by (beam, token) index; torch.topk leaves that order
 unspecified, which is the only place the two can differ given the same log-probs.
 
@@ -80,36 +81,32 @@ class Search(Protocol):
     def results(self) -> list[TranslationResult]: ...
 
 
-def allowed_candidates(
-    scores: StepScores, step: int, width: int, row_max_lens: np.ndarray, ids: SpecialIds, min_len: int
+def masked_candidates(
+    scores: StepScores, step: int, row_max_lens: np.ndarray, ids: SpecialIds, min_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first `width` allowed candidates of every row, under the generation rules.
+    """Every row's top-k under the generation rules: (log_probs (R, k) float64, -inf where the token
+    is not allowed; token ids (R, k) int64), still in descending order of the raw log-probs.
 
-    row_max_lens (R,) is each row's length cap (eos included). Returns (log_probs (R, width)
-    float64, -inf past the allowed ones; token ids (R, width) int64), in descending order.
+    row_max_lens (R,) is each row's length cap (eos included); a row at its last step keeps eos
+    alone, in column 0.
     """
-    vals, toks = scores.topk_log_probs, scores.topk_ids  # (R, k)
-    allowed = (toks != ids.pad) & (toks != ids.bos)
+    toks = scores.topk_ids  # (R, k)
+    vals = scores.topk_log_probs.astype(np.float64)  # (R, k)
+    blocked = (toks == ids.pad) | (toks == ids.bos)
     if step < min_len:
-        allowed &= toks != ids.eos
-    # Keep the first `width` allowed entries of each row, in their order.
-    rank = np.cumsum(allowed, axis=1) - 1  # (R, k) position among the allowed
-    keep = allowed & (rank < width)
-    rows, cols = np.nonzero(keep)
-    out_v = np.full((vals.shape[0], width), NEG_INF, dtype=np.float64)
-    out_t = np.full((vals.shape[0], width), ids.eos, dtype=np.int64)
-    out_v[rows, rank[rows, cols]] = vals[rows, cols]
-    out_t[rows, rank[rows, cols]] = toks[rows, cols]
+        blocked |= toks == ids.eos
+    vals[blocked] = NEG_INF
 
     last = (step + 1) >= row_max_lens  # (R,) rows whose only allowed token is eos
     if last.any():
         eos_lp = scores.eos_log_probs().astype(np.float64)[last]
         if step < min_len:
-            eos_lp[:] = 0.0
-        out_v[last] = NEG_INF
-        out_v[last, 0] = np.where(np.isinf(eos_lp), 0.0, eos_lp)
-        out_t[last, 0] = ids.eos
-    return out_v, out_t
+            eos_lp[:] = 0.0  # eos was blocked: the reference lets it in with log-prob 0
+        toks = toks.copy()
+        vals[last] = NEG_INF
+        vals[last, 0] = np.where(np.isinf(eos_lp), 0.0, eos_lp)
+        toks[last, 0] = ids.eos
+    return vals, toks
 
 
 class GreedySearch:
@@ -132,9 +129,11 @@ class GreedySearch:
 
     def advance(self, scores: StepScores) -> StepRequest | None:
         step = self._step
-        vals, toks = allowed_candidates(scores, step, 1, self.max_lens[self.alive], self.ids,
-                                        self.options.min_decoding_length)
-        best, best_lp = toks[:, 0], vals[:, 0]  # (R,)
+        vals, toks = masked_candidates(scores, step, self.max_lens[self.alive], self.ids,
+                                       self.options.min_decoding_length)
+        col = np.argmax(vals > NEG_INF, axis=1)  # the first allowed token is the best one
+        rows = np.arange(vals.shape[0])
+        best, best_lp = toks[rows, col], vals[rows, col]  # (R,)
         self.log_probs[self.alive] += best_lp
         keep: list[int] = []
         for row, orig in enumerate(self.alive.tolist()):
@@ -194,14 +193,15 @@ class BeamSearch:
         per = self.scores.shape[1]  # rows per sentence this step: 1 at step 0, K after
         width = 2 * k
         row_max = np.repeat(self.max_lens[self.alive], per)  # (R,)
-        vals, toks = allowed_candidates(scores, step, width, row_max, self.ids, self.options.min_decoding_length)
-        cand = (self.scores.reshape(-1, 1) + vals).reshape(n, per * width)  # (B, per*2K) float64
-        beam = np.repeat(np.arange(per), width)[None, :]  # (1, per*2K) row within its sentence
-        flat = beam * self.vocab + toks.reshape(n, per * width)  # the reference's index into K*V
+        vals, toks = masked_candidates(scores, step, row_max, self.ids, self.options.min_decoding_length)
+        kk = vals.shape[1]
+        cand = (self.scores.reshape(-1, 1) + vals).reshape(n, per * kk)  # (B, per*k) float64
+        toks = toks.reshape(n, per * kk)
+        flat = (np.arange(per * kk) // kk)[None, :] * self.vocab + toks  # the reference's index into K*V
         order = np.lexsort((flat, -cand), axis=1)[:, :width]  # (B, 2K) best first, ties by index
         top_v = np.take_along_axis(cand, order, axis=1)
-        top_t = np.take_along_axis(flat, order, axis=1) % self.vocab
-        top_b = np.take_along_axis(np.broadcast_to(beam, cand.shape), order, axis=1)
+        top_t = np.take_along_axis(toks, order, axis=1)
+        top_b = order // kk  # row within its sentence
 
         finite = top_v > NEG_INF
         is_eos = top_t == self.ids.eos
