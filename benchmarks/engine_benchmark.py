@@ -13,8 +13,9 @@ by length and cut into batches of --batch-sizes sentences), with all cores of th
   checked against PyTorch first), inter_threads = cores, intra_threads = 1 (its best setting on 2 cores).
 Each (system, batch size) runs in its own child process, so peak memory (max RSS) is per system; the
 engine's child never imports torch. Reports sentences/s, target tokens/s (generated tokens, eos
-excluded), peak RSS and sacreBLEU, as a Markdown table (stdout and OUT/engine_benchmark.md), JSON and
-a PNG (OUT/engine_benchmark.png). Progress bars go to stderr.
+excluded), process CPU time per sentence, peak RSS (VmHWM) and sacreBLEU, as a Markdown table
+(stdout and OUT/engine_benchmark.md), JSON and a PNG (OUT/engine_benchmark.png). Progress bars go
+to stderr. Loading and one warm-up call are excluded from the times.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def read(path: Path) -> list[str]:
 # -- children: one system at one batch size -------------------------------------------------------------
 
 
-def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float]:
+def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float, float]:
     from tqdm import tqdm
 
     from service.engine import Engine, EngineConfig
@@ -74,16 +75,16 @@ def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], lis
     engine.translate_batch(lines[:8], opts)  # warm-up: first-run allocations
     texts: list[str] = []
     lengths: list[int] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with tqdm(total=len(lines), desc=f"engine b{batch}", unit="sent", file=sys.stderr) as bar:
         for start in range(0, len(lines), CHUNK):
             for r in engine.translate_batch(lines[start:start + CHUNK], opts, progress=bar.update):
                 texts.append(r.hypotheses[0].text)
                 lengths.append(len(r.hypotheses[0].tokens))
-    return texts, lengths, time.perf_counter() - started
+    return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
 
 
-def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float]:
+def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float, float]:
     import torch
     from tqdm import tqdm
 
@@ -98,7 +99,7 @@ def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str
     decode(model, pad(ids[:8], model.cfg.pad_id), opts)  # warm-up
     texts: list[str] = [""] * len(lines)
     lengths = [0] * len(lines)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with tqdm(total=len(lines), desc=f"pytorch b{batch}", unit="sent", file=sys.stderr) as bar:
         for start in range(0, len(lines), CHUNK):
             chunk = list(range(start, min(start + CHUNK, len(lines))))
@@ -109,11 +110,11 @@ def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str
                     texts[i] = tok.decode(r.hypotheses[0].tokens)
                     lengths[i] = len(r.hypotheses[0].tokens)
                 bar.update(len(rows))
-    return texts, lengths, time.perf_counter() - started
+    return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
 
 
 def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int,
-            compute_type: str) -> tuple[list[str], list[int], float]:
+            compute_type: str) -> tuple[list[str], list[int], float, float]:
     import ctranslate2
     from tokenizers import Tokenizer
     from tqdm import tqdm
@@ -126,7 +127,7 @@ def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int,
     translator.translate_batch(src[:8], **kwargs)  # warm-up
     texts: list[str] = []
     lengths: list[int] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with tqdm(total=len(lines), desc=f"{compute_type} ct2 b{batch}", unit="sent", file=sys.stderr) as bar:
         for start in range(0, len(lines), CHUNK):
             for r in translator.translate_batch(src[start:start + CHUNK], **kwargs):
@@ -134,20 +135,23 @@ def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int,
                 texts.append(hf.decode([i for i in out if i is not None], skip_special_tokens=True))
                 lengths.append(len(out))
             bar.update(min(CHUNK, len(lines) - start))
-    return texts, lengths, time.perf_counter() - started
+    return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
 
 
 def child(args: argparse.Namespace) -> int:
     lines = read(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
     system = args.child
     if system.startswith("engine-"):
-        texts, lengths, seconds = run_engine(args.fp32 if system == "engine-fp32" else args.int8, lines, args.batch)
+        entry = args.fp32 if system == "engine-fp32" else args.int8
+        texts, lengths, seconds, cpu = run_engine(entry, lines, args.batch)
     elif system == "pytorch":
-        texts, lengths, seconds = run_pytorch(args.checkpoint, lines, args.batch)
+        texts, lengths, seconds, cpu = run_pytorch(args.checkpoint, lines, args.batch)
     else:
-        texts, lengths, seconds = run_ct2(str(args.ct2_dir), str(Path(args.fp32) / "tokenizer.json"), lines, args.batch,
-                                 "float32" if system == "ct2-fp32" else "int8")
-    print(json.dumps({"texts": texts, "lengths": lengths, "decode_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+        compute_type = "float32" if system == "ct2-fp32" else "int8"
+        tokenizer = str(Path(args.fp32) / "tokenizer.json")
+        texts, lengths, seconds, cpu = run_ct2(str(args.ct2_dir), tokenizer, lines, args.batch, compute_type)
+    print(json.dumps({"texts": texts, "lengths": lengths, "decode_seconds": seconds, "cpu_seconds": cpu,
+                      "peak_rss_mb": peak_rss_mb(),
                       "torch_imported": "torch" in sys.modules}))
     return 0
 
@@ -172,10 +176,11 @@ def prepare_ct2(args: argparse.Namespace) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| system | batch | sentences/s | target tokens/s | peak RSS (MB) | BLEU | same output as engine-fp32 |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| system | batch | sentences/s | target tokens/s | CPU ms/sentence | peak RSS (MB) | BLEU "
+            "| same output as engine-fp32 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(f"| {r['system']} | {r['batch']} | {r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | {r['same_as_engine_fp32']} |\n" for r in rows)
+                   f"{r['cpu_ms_per_sentence']:.0f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | "
+                   f"{r['same_as_engine_fp32']} |\n" for r in rows)
     return head + body
 
 
@@ -230,6 +235,7 @@ def parent(args: argparse.Namespace) -> int:
         rows.append({"system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
                      "sentences_per_s": len(res["texts"]) / seconds,
                      "tokens_per_s": sum(res["lengths"]) / seconds, "peak_rss_mb": res["peak_rss_mb"],
+                     "cpu_ms_per_sentence": 1000 * res["cpu_seconds"] / len(res["texts"]),
                      "bleu": sacrebleu.corpus_bleu(res["texts"], [refs]).score})
     for r in rows:
         base = outputs.get(("engine-fp32", r["batch"]))

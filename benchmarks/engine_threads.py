@@ -9,8 +9,10 @@ On test_2016_flickr, beam 4, for batches of 32 sentences and of 1 sentence:
   once (ONNX Runtime runs concurrent Run() calls in parallel; what `Engine` does by default);
 - "N sessions x 1 thread":   N sessions (N copies of the weights) with 1 intra-op thread, one per thread;
 - "1 session x 1 thread":    the single-core baseline.
-Reports sentences/s (throughput over all sentences) and the mean time of one batch (latency); the
-engine's default (`EngineConfig(intra_op_threads=0)`) is set from this table (benchmarks/README.md).
+Reports sentences/s (throughput over all sentences), process CPU time per sentence (what each
+setting costs; less sensitive than wall time to other load on the machine) and the mean time of one
+batch (latency). The engine's default (`EngineConfig(intra_op_threads=0)`) is set from this table
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def decode_all(engines: list[Engine], runtimes: list[OrtModel], batches: list[li
                callers: int, options: DecodingOptions, bar: tqdm) -> tuple[float, float]:
     """Decode `batches` with `callers` threads; thread i uses runtimes[i % len(runtimes)].
 
-    Returns (wall seconds, mean seconds per batch)."""
+    Returns (wall seconds, process CPU seconds, mean seconds per batch)."""
     work: queue.Queue[list[list[int]]] = queue.Queue()
     for b in sorted(batches, key=lambda b: -max(len(s) for s in b)):  # longest first, as translate_batch
         work.put(b)
@@ -61,13 +63,13 @@ def decode_all(engines: list[Engine], runtimes: list[OrtModel], batches: list[li
                 per_batch.append(time.perf_counter() - t0)
                 bar.update(len(batch))
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(callers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - started, sum(per_batch) / len(per_batch)
+    return time.perf_counter() - started, time.process_time() - cpu, sum(per_batch) / len(per_batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, runtimes, callers in configs:
             decode_all([engine], runtimes, batches[:2], callers, options, tqdm(disable=True))  # warm-up
             with tqdm(total=len(ids), desc=f"b{size} {name}", unit="sent", file=sys.stderr) as bar:
-                wall, per_batch = decode_all([engine], runtimes, batches, callers, options, bar)
+                wall, cpu, per_batch = decode_all([engine], runtimes, batches, callers, options, bar)
             rows.append({"batch": size, "config": name, "sentences_per_s": len(ids) / wall,
-                         "batch_latency_ms": 1000 * per_batch})
+                         "cpu_ms_per_sentence": 1000 * cpu / len(ids), "batch_latency_ms": 1000 * per_batch})
     print(f"\n{len(ids)} sentences of test_2016_flickr, beam 4, {n} cores\n")
-    print("| batch | setting | sentences/s | mean batch latency (ms) |\n|---:|---|---:|---:|")
+    print("| batch | setting | sentences/s | CPU ms per sentence | mean batch latency (ms) |")
+    print("|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['config']} | {r['sentences_per_s']:.1f} | {r['batch_latency_ms']:.0f} |")
+        print(f"| {r['batch']} | {r['config']} | {r['sentences_per_s']:.1f} | {r['cpu_ms_per_sentence']:.0f} | "
+              f"{r['batch_latency_ms']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
