@@ -3,14 +3,15 @@
     encode(src_ids)          once per batch: cross-attention K/V of every decoder layer
     step(state, request)     once per generated token: top-k per row, present K/V
 
-Everything runs through IO binding, on CPU as on CUDA, so the K/V tensors never become numpy
-arrays: past/present K/V and cross K/V stay where ONNX Runtime allocated them (device memory under
-CUDA; `cache_index` reorders beams and drops finished rows inside the graph). Per step only small
-tensors cross to the host: token ids, positions, cache_index and the padding mask go in; the top-k
-log-probs and ids come out. The full log-probs stay on the device and are copied only at a
-sentence's max-length step, where the search needs the eos column. When sentences finish, their
-cross K/V are dropped with one gather (a round trip through the host on CUDA: once per finishing
-event, not per step, since the signature has no sentence index for the graph to gather with).
+Everything runs through IO binding, on CPU as on CUDA, so past/present K/V never become numpy
+arrays: they stay where ONNX Runtime allocated them (device memory under CUDA) and `cache_index`
+reorders beams and drops finished rows inside the graph. Per step only small tensors cross to the
+host: token ids, positions, cache_index and the padding mask go in; the top-k log-probs and ids
+come out. The full log-probs stay on the device and are copied only at a sentence's max-length
+step, where the search needs the eos column. When sentences finish, their cross K/V are dropped
+with one gather along the batch axis, once per finishing event (not per step): in numpy on CPU,
+where the cross K/V are kept as arrays bound without a copy, and through the host on CUDA, since
+the signature has no sentence index for the graph to gather with.
 
 Providers: "cuda" is used only after a session was created with it AND a real encode + decoder
 step ran on it; the provider list of an onnxruntime-gpu wheel names CUDA on machines without a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -63,7 +65,7 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
 class DecoderState:
     """The device-side state of one decoding loop."""
 
-    cross: list[ort.OrtValue]  # per layer cross_k, cross_v: (B, H, S, Dh) of the live sentences
+    cross: list[Any]  # per layer cross_k, cross_v (B, H, S, Dh) of the live sentences: numpy on CPU, OrtValue else
     src_mask: np.ndarray  # (B, S) bool, True at real source tokens; host side, small
     past: list[ort.OrtValue] | None = None  # per layer past_k, past_v: (R, H, T, Dh); None before step 0
     steps: int = field(default=0)
@@ -132,7 +134,10 @@ class OrtModel:
         for name in self._cross_names:
             binding.bind_output(name, self.device)
         self.encoder.run_with_iobinding(binding)
-        return DecoderState(binding.get_outputs(), src_ids != self.entry.config.pad_id)
+        cross: list[Any] = binding.get_outputs()
+        if self.device == CPU:  # one copy per batch; then gathers copy only the survivors
+            cross = [v.numpy() for v in cross]
+        return DecoderState(cross, src_ids != self.entry.config.pad_id)
 
     def step(self, state: DecoderState, request: StepRequest) -> StepScores:
         """One decoder call for the rows of `request`; updates `state` (past K/V, live sentences)."""
@@ -148,7 +153,10 @@ class OrtModel:
         binding.bind_cpu_input(sig.CACHE_INDEX, np.ascontiguousarray(request.cache_index, dtype=np.int64))
         binding.bind_cpu_input(sig.TOPK, np.array([request.topk], dtype=np.int64))
         for name, value in zip(self._cross_names, state.cross, strict=True):
-            binding.bind_ortvalue_input(name, value)
+            if self.device == CPU:
+                binding.bind_cpu_input(name, value)  # no copy: ORT reads the numpy buffer
+            else:
+                binding.bind_ortvalue_input(name, value)
         if state.past is None:  # first step: a zero-length past that cache_index = arange(R) indexes
             empty = np.zeros((rows, self.heads, 0, self.head_dim), dtype=self.kv_dtype)
             for name in self._past_names:
@@ -169,8 +177,10 @@ class OrtModel:
         eos = self.eos_id
         return StepScores(outputs[1].numpy(), outputs[2].numpy(), lambda: log_probs.numpy()[:, eos])
 
-    def _gather_sentences(self, values: list[ort.OrtValue], index: np.ndarray) -> list[ort.OrtValue]:
-        """values[i][index] along the batch axis, each back on this model's device."""
+    def _gather_sentences(self, values: list[Any], index: np.ndarray) -> list[Any]:
+        """values[i][index] along the batch axis, on this model's device."""
+        if self.device == CPU:
+            return [np.take(v, index, axis=0) for v in values]
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[index]), self.device, 0)
                 for v in values]
 
