@@ -39,11 +39,11 @@ def test_tiny_model_learns_to_reverse_sequences() -> None:
     train_ex = sample(3000)
     step = 0
     model.train()
-    for _ in range(4):
+    for _ in range(8):
         for batch in iterate_batches(train_ex, 512, cfg.pad_id, cfg.bos_id, rng):
             step += 1
             for g in opt.param_groups:
-                g["lr"] = inverse_sqrt_lr(step, 3e-3, 60)
+                g["lr"] = inverse_sqrt_lr(step, 1e-3, 60)
             loss = label_smoothed_loss(model(batch.src, batch.tgt_in).flatten(0, 1), batch.tgt_out.flatten(),
                                        0.1, cfg.pad_id) / batch.n_tokens
             loss.backward()
