@@ -118,6 +118,8 @@ _CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], spec: sig.GraphSignature,
             dynamic_shapes: Any, optimize: bool) -> onnx.ModelProto:
+    if any(m.training for m in module.modules()):
+        raise ValueError("export needs the model in eval mode (dropout would be traced): call model.eval()")
     saved = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
     try:
         for name in _CHATTY_LOGGERS:
@@ -125,7 +127,8 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], spec: sig.GraphSignatur
         with warnings.catch_warnings():
             # "The axis name: past_len will not be used, since it shares the same shape constraints
             # with another axis": expected, finalize_graph names every axis from the signature.
-            warnings.filterwarnings("ignore", message="The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch-internal
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=OPSET, input_names=spec.input_names(),
                 output_names=spec.output_names(), dynamic_shapes=dynamic_shapes, verbose=False, optimize=optimize,
@@ -149,7 +152,7 @@ def export_encoder(model: Transformer, float_dtype: str = "float32", optimize: b
     dims = {"batch": Dim("batch", min=1, max=65536), "src_len": Dim("src_len", min=1, max=model.cfg.max_positions)}
     src = torch.randint(4, model.cfg.vocab_size, (_B, _S))
     src[1, -2:] = model.cfg.pad_id
-    proto = _export(EncoderGraph(model), (src,), enc_spec, tuple(_dynamic_shapes(enc_spec, dims)), optimize)
+    proto = _export(EncoderGraph(model).eval(), (src,), enc_spec, tuple(_dynamic_shapes(enc_spec, dims)), optimize)
     return finalize_graph(proto, enc_spec)
 
 
@@ -186,7 +189,7 @@ def export_decoder(model: Transformer, float_dtype: str = "float32", optimize: b
         args += [torch.randn(past_shape, dtype=dtype), torch.randn(past_shape, dtype=dtype)]
     shapes = _dynamic_shapes(dec_spec, dims)
     dynamic = (*shapes[:5], tuple(shapes[5:]))  # the K/V tensors are the *kv varargs
-    proto = _export(DecoderStepGraph(model), tuple(args), dec_spec, dynamic, optimize)
+    proto = _export(DecoderStepGraph(model).eval(), tuple(args), dec_spec, dynamic, optimize)
     return finalize_graph(proto, dec_spec)
 
 

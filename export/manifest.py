@@ -43,7 +43,7 @@ def sha256_of(path: Path) -> str:
 
 def file_hashes(entry: Path) -> dict[str, str]:
     """sha256 of every file in the entry folder except the manifest, by file name (sorted)."""
-    return {p.name: sha256_of(p) for p in sorted(entry.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {p.name: sha256_of(p) for p in sorted(Path(entry).iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
 def library_versions(names: tuple[str, ...] = ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime",

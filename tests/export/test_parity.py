@@ -87,8 +87,9 @@ def test_check_entry_fails_loudly_when_the_graphs_are_not_the_checkpoint(
     from model.checkpoint import load_checkpoint, save_checkpoint
 
     model, tok = load_checkpoint(tiny_checkpoint)
+    weight = dict(model.named_parameters())["decoder_layers.0.ff.w1.weight"]
     with torch.no_grad():
-        model.decoder_layers[0].ff.w1.weight.mul_(1.05)  # a 5% drift in one weight matrix
+        weight.mul_(1.05)  # a 5% drift in one weight matrix
     save_checkpoint(tmp_path / "drifted", model, tok)
     with pytest.raises(ParityError, match=r"greedy log-probs differ from PyTorch by .* > 0\.0001"):
         check_entry(tiny_repository_entry, tmp_path / "drifted")
