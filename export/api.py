@@ -18,6 +18,7 @@ from typing import Any
 from export.manifest import (
     DECODER_FILE,
     ENCODER_FILE,
+    MANIFEST,
     PRECISIONS,
     TOKENIZER_FILE,
     library_versions,
@@ -55,8 +56,9 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
 
     `overrides` are ExportConfig fields (e.g. precision="int8"). Writes encoder.onnx, decoder.onnx,
     tokenizer.json and manifest.json (files replaced if present) and returns `out` as a Path.
-    Raises export.parity.ParityError when config.check is set and the graphs disagree with PyTorch,
-    and service.signature.SignatureMismatch if a graph does not match the signature.
+    Raises export.parity.ParityError when config.check is set and the graphs disagree with PyTorch
+    (the entry's manifest.json is then removed, so no engine loads it), and
+    service.signature.SignatureMismatch if a graph does not match the signature.
     """
     import onnx
     import torch
@@ -120,10 +122,16 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     write_manifest(out, manifest)  # the parity check and evaluation read the entry back
 
     if cfg.check:
-        from export.parity import check_entry
+        from export.parity import ParityError, check_entry
 
         t0 = time.perf_counter()
-        report = check_entry(out, checkpoint)
+        try:
+            report = check_entry(out, checkpoint)
+        except ParityError:
+            # Without a manifest the engine refuses the folder: a failed export is never servable.
+            (out / MANIFEST).unlink()
+            log.error("parity check failed: removed %s (graphs left for inspection)", out / MANIFEST)
+            raise
         manifest["parity"] = report.to_dict()
         timings["check_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg.evaluate_dir:

@@ -112,3 +112,29 @@ def test_dynamic_axes_accept_one_sentence_of_one_token_and_any_past_length(
         np.testing.assert_allclose(out.log_probs, lp.numpy(), atol=1e-4)
         assert out.present[0].shape == (1, tiny_graphs.heads, step + 1, tiny_graphs.head_dim)
         past_o, ids = out.present, np.array([[5 + step]])
+
+
+def test_export_check_exits_nonzero_loudly_and_leaves_no_servable_entry(
+        tiny_repository_entry: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A tracer that produced the graphs of another model: `rosetta export --check` must catch it."""
+    import onnx
+
+    import export.graphs
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from service.cli import main
+
+    model, tok = load_checkpoint(tiny_checkpoint)
+    weight = dict(model.named_parameters())["decoder_layers.1.ff.w2.weight"]
+    with torch.no_grad():
+        weight.mul_(1.05)
+    save_checkpoint(tmp_path / "drifted", model, tok)
+    # The "exporter" returns the undrifted model's graphs: real graphs, wrong weights.
+    monkeypatch.setattr(export.graphs, "export_encoder",
+                        lambda *a, **k: onnx.load(str(tiny_repository_entry / "encoder.onnx")))
+    monkeypatch.setattr(export.graphs, "export_decoder",
+                        lambda *a, **k: onnx.load(str(tiny_repository_entry / "decoder.onnx")))
+    out = tmp_path / "repo" / "bad" / "1"
+    assert main(["export", str(tmp_path / "drifted"), "--out", str(out), "--check"]) == 1
+    assert "EXPORT CHECK FAILED" in capsys.readouterr().err
+    assert (out / "decoder.onnx").exists() and not (out / "manifest.json").exists()
