@@ -7,6 +7,7 @@ never pays for the export side.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -44,6 +45,14 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    missing = [m for m in ("torch", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"rosetta export needs {', '.join(missing)}: install the train extra, e.g.\n"
+              "    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\n"
+              "    pip install -e '.[train]'\n"
+              "Serving needs none of this: it loads an exported entry (model_repository/NAME/VERSION).",
+              file=sys.stderr)
+        return 2
     from export.api import ExportConfig, export_entry
     from export.parity import ParityError
     from service.cli import build_dataclass
