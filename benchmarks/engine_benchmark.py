@@ -32,7 +32,8 @@ from typing import Any
 from service.options import DecodingOptions
 
 CHUNK = 250  # sentences per call: every system gets the same chunks, each sorted by length inside
-SYSTEMS = ("engine-fp32", "engine-int8", "pytorch", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("engine-fp32", "engine-int8", "pytorch", "ct2-fp32", "ct2-int8")  # the CPU comparison
+# On a GPU (--device cuda) compare fp32 and fp16 instead: engine-fp16 (needs --fp16) and ct2-fp16.
 BEAM = 4
 # One absolute length cap for every system (CTranslate2 has no cap relative to the source length):
 # at most MAX_LENGTH tokens with eos for us, i.e. MAX_LENGTH - 1 decoding steps before eos in CTranslate2.
@@ -65,12 +66,12 @@ def read(path: Path) -> list[str]:
 # -- children: one system at one batch size -------------------------------------------------------------
 
 
-def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float, float]:
+def run_engine(entry: str, lines: list[str], batch: int, device: str) -> tuple[list[str], list[int], float, float]:
     from tqdm import tqdm
 
     from service.engine import Engine, EngineConfig
 
-    engine = Engine.load(entry, EngineConfig(provider="cpu", max_batch_sentences=batch, max_batch_tokens=1 << 30))
+    engine = Engine.load(entry, EngineConfig(provider=device, max_batch_sentences=batch, max_batch_tokens=1 << 30))
     opts = options()
     engine.translate_batch(lines[:8], opts)  # warm-up: first-run allocations
     texts: list[str] = []
@@ -84,7 +85,8 @@ def run_engine(entry: str, lines: list[str], batch: int) -> tuple[list[str], lis
     return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
 
 
-def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str], list[int], float, float]:
+def run_pytorch(checkpoint: str, lines: list[str], batch: int,
+                device: str) -> tuple[list[str], list[int], float, float]:
     import torch
     from tqdm import tqdm
 
@@ -93,10 +95,10 @@ def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str
     from model.decode import batches_by_length, decode
 
     torch.set_num_threads(cores())
-    model, tok = load_checkpoint(Path(checkpoint))
+    model, tok = load_checkpoint(Path(checkpoint), device=device)
     opts = options()
     ids = [s + [tok.eos_id] for s in tok.encode_batch(lines)]
-    decode(model, pad(ids[:8], model.cfg.pad_id), opts)  # warm-up
+    decode(model, pad(ids[:8], model.cfg.pad_id).to(device), opts)  # warm-up
     texts: list[str] = [""] * len(lines)
     lengths = [0] * len(lines)
     started, cpu = time.perf_counter(), time.process_time()
@@ -105,23 +107,23 @@ def run_pytorch(checkpoint: str, lines: list[str], batch: int) -> tuple[list[str
             chunk = list(range(start, min(start + CHUNK, len(lines))))
             for idx in batches_by_length([len(ids[i]) for i in chunk], 1 << 30, batch):
                 rows = [chunk[j] for j in idx]
-                for i, r in zip(rows, decode(model, pad([ids[i] for i in rows], model.cfg.pad_id), opts),
-                                strict=True):
+                src = pad([ids[i] for i in rows], model.cfg.pad_id).to(device)
+                for i, r in zip(rows, decode(model, src, opts), strict=True):
                     texts[i] = tok.decode(r.hypotheses[0].tokens)
                     lengths[i] = len(r.hypotheses[0].tokens)
                 bar.update(len(rows))
     return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
 
 
-def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int,
-            compute_type: str) -> tuple[list[str], list[int], float, float]:
+def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int, compute_type: str,
+            device: str) -> tuple[list[str], list[int], float, float]:
     import ctranslate2
     from tokenizers import Tokenizer
     from tqdm import tqdm
 
     hf = Tokenizer.from_file(tokenizer)
-    translator = ctranslate2.Translator(ct2_dir, device="cpu", compute_type=compute_type, inter_threads=cores(),
-                                        intra_threads=1)
+    threads = dict(inter_threads=cores(), intra_threads=1) if device == "cpu" else {}
+    translator = ctranslate2.Translator(ct2_dir, device=device, compute_type=compute_type, **threads)
     src = [hf.encode(s, add_special_tokens=False).tokens + ["</s>"] for s in lines]
     kwargs = dict(beam_size=BEAM, max_batch_size=batch, max_decoding_length=MAX_LENGTH - 1)
     translator.translate_batch(src[:8], **kwargs)  # warm-up
@@ -142,14 +144,15 @@ def child(args: argparse.Namespace) -> int:
     lines = read(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
     system = args.child
     if system.startswith("engine-"):
-        entry = args.fp32 if system == "engine-fp32" else args.int8
-        texts, lengths, seconds, cpu = run_engine(entry, lines, args.batch)
+        entry = {"engine-fp32": args.fp32, "engine-int8": args.int8, "engine-fp16": args.fp16}[system]
+        texts, lengths, seconds, cpu = run_engine(entry, lines, args.batch, args.device)
     elif system == "pytorch":
-        texts, lengths, seconds, cpu = run_pytorch(args.checkpoint, lines, args.batch)
+        texts, lengths, seconds, cpu = run_pytorch(args.checkpoint, lines, args.batch, args.device)
     else:
-        compute_type = "float32" if system == "ct2-fp32" else "int8"
+        compute_type = {"ct2-fp32": "float32", "ct2-int8": "int8", "ct2-fp16": "float16"}[system]
         tokenizer = str(Path(args.fp32) / "tokenizer.json")
-        texts, lengths, seconds, cpu = run_ct2(str(args.ct2_dir), tokenizer, lines, args.batch, compute_type)
+        texts, lengths, seconds, cpu = run_ct2(str(args.ct2_dir), tokenizer, lines, args.batch, compute_type,
+                                               args.device)
     print(json.dumps({"texts": texts, "lengths": lengths, "decode_seconds": seconds, "cpu_seconds": cpu,
                       "peak_rss_mb": peak_rss_mb(),
                       "torch_imported": "torch" in sys.modules}))
@@ -221,7 +224,8 @@ def parent(args: argparse.Namespace) -> int:
         prepare_ct2(args)
     refs = read(args.data_dir / "test_2016_flickr.en.gz")[: args.sentences]
     common = ["--data-dir", str(args.data_dir), "--sentences", str(args.sentences), "--checkpoint", args.checkpoint,
-              "--fp32", args.fp32, "--int8", args.int8, "--ct2-dir", str(args.ct2_dir)]
+              "--fp32", args.fp32, "--int8", args.int8, "--fp16", args.fp16, "--ct2-dir", str(args.ct2_dir),
+              "--device", args.device]
     runs = [(s, b) for b in batches for s in systems]
     rows: list[dict[str, Any]] = []
     outputs: dict[tuple[str, int], list[str]] = {}
@@ -244,11 +248,12 @@ def parent(args: argparse.Namespace) -> int:
             f"{100 * sum(a == b for a, b in zip(mine, base, strict=True)) / len(base):.1f}%"
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
-    title = (f"test_2016_flickr DE->EN, {args.sentences} sentences, beam {BEAM}, {cores()} CPU cores "
-             f"({time.strftime('%Y-%m-%d')})")
-    (args.out / "engine_benchmark.md").write_text(f"{title}\n\n{md}")
-    (args.out / "engine_benchmark.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "engine_benchmark.png", title)
+    where = f"{cores()} CPU cores" if args.device == "cpu" else "GPU"
+    title = f"test_2016_flickr DE->EN, {args.sentences} sentences, beam {BEAM}, {where} ({time.strftime('%Y-%m-%d')})"
+    stem = "engine_benchmark" if args.device == "cpu" else "engine_benchmark_gpu"
+    (args.out / f"{stem}.md").write_text(f"{title}\n\n{md}")
+    (args.out / f"{stem}.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    plot(rows, args.out / f"{stem}.png", title)
     print(f"\n{title}\n\n{md}")
     return 0
 
@@ -258,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder: the PyTorch reference and CT2 source")
     parser.add_argument("--fp32", required=True, help="fp32 model-repository entry exported from --checkpoint")
     parser.add_argument("--int8", required=True, help="int8 model-repository entry exported from --checkpoint")
+    parser.add_argument("--fp16", default="", help="fp16 entry (GPU runs: system engine-fp16)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every system runs (engine provider, torch device, CTranslate2 device)")
     parser.add_argument("--ct2-dir", type=Path, default=Path("/tmp/rosetta-ct2"), help="converted CT2 model (made)")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
     parser.add_argument("--sentences", type=int, default=1000)

@@ -117,7 +117,8 @@ def first_divergence(engine: Engine, torch_steps: TorchSteps, source: list[int],
                 gap = abs(torch_score.get(x, -np.inf) - torch_score[y])
                 return {"step": step, "kind": "candidate order", "rank": rank, "gap": gap, "lp_diff": lp_diff}
         return {"step": step, "kind": "stop test", "rank": None, "gap": _stop_gap(b, options), "lp_diff": lp_diff}
-    return {"step": None, "kind": "final ranking", "rank": None, "gap": None, "lp_diff": None}
+    # Alone, both agree to the end: the difference came from the sentence's batch (padding, batch-mates).
+    return {"step": None, "kind": "none alone (batch effect)", "rank": None, "gap": None, "lp_diff": None}
 
 
 def _stop_gap(search: BeamSearch, options: DecodingOptions) -> float:
