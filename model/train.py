@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> Path:
                 logits = model(batch.src, batch.tgt_in)
             loss = label_smoothed_loss(logits.flatten(0, 1), batch.tgt_out.flatten(), cfg.label_smoothing, mcfg.pad_id)
             (loss / batch.n_tokens / cfg.accum_steps).backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tok_sum += batch.n_tokens
             if i % cfg.accum_steps == 0 or i == len(batches):
                 step += 1
