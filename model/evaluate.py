@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
-from model.decode import batches_by_length, decode
 from model.data import pad as pad_batch
+from model.decode import batches_by_length, decode
 from model.transformer import Transformer
 from service.options import DecodingOptions
 from service.tokenizer import Tokenizer

@@ -214,7 +214,8 @@ def train(cfg: TrainConfig) -> Path:
         tps = tok_sum / (time.time() - t0)
         val_loss = validation_loss(model, val_ex, cfg.max_tokens, device)
         val_bleu = bleu_of(model, tok, val_src[:n_val], val_tgt[:n_val], greedy)
-        log.info("epoch %d: train %.4f val loss %.4f val BLEU %.2f (%.0f tok/s)", epoch, train_loss, val_loss, val_bleu, tps)
+        log.info("epoch %d: train %.4f val loss %.4f val BLEU %.2f (%.0f tok/s)",
+                 epoch, train_loss, val_loss, val_bleu, tps)
 
         ep_dir = out / "epochs" / f"{epoch:03d}"
         save_checkpoint(ep_dir, model, tok, metadata={"epoch": str(epoch), "step": str(step)})

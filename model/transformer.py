@@ -15,6 +15,7 @@ Two ways to run the decoder:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +189,8 @@ class Embeddings(nn.Module):
 
     def positional(self, positions: Tensor) -> Tensor:
         """positions int64 (...,) -> (..., D)"""
-        return self.pos(positions) if self.learned else self.pe[positions]
+        table: Tensor = self.pos.weight if self.learned else self.pe  # type: ignore[assignment]
+        return table[positions]
 
     def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids (N, T), positions (N, T) or (T,) -> (N, T, D)"""
@@ -239,7 +241,7 @@ class Transformer(nn.Module):
 
     def cross_kv(self, memory: Tensor) -> list[KV]:
         """Per decoder layer, the cross-attention K/V of memory (B, S, D): (B, H, S, Dh) each."""
-        return [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
+        return [cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers]
 
     def logits(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""

@@ -23,7 +23,7 @@ class Tokenizer:
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != [0, 1, 2, 3]:
             raise ValueError(f"tokenizer special ids must be pad/bos/eos/unk = 0/1/2/3, got {ids}")
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = ids
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
