@@ -22,7 +22,6 @@ out here once:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from model.data import pad as pad_batch
 from model.transformer import KV, Transformer
+from service.engine import batches_by_length
 from service.options import DecodingOptions, Hypothesis, TranslationResult
 
 
@@ -208,29 +208,13 @@ def decode(model: Transformer, src: Tensor, options: DecodingOptions) -> list[Tr
     return beam_search(model, src, options)
 
 
-def batches_by_length(lengths: list[int], max_tokens: int, max_sentences: int = 256) -> Iterator[list[int]]:
-    """Indices sorted by length, grouped so each padded batch stays under the caps."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batch: list[int] = []
-    width = 0
-    for i in order:
-        w = max(width, lengths[i])
-        if batch and (w * (len(batch) + 1) > max_tokens or len(batch) >= max_sentences):
-            yield batch
-            batch, w = [], lengths[i]
-        batch.append(i)
-        width = w
-    if batch:
-        yield batch
-
-
 def translate_ids(
     model: Transformer, sources: list[list[int]], options: DecodingOptions, max_tokens: int = 4096
 ) -> list[TranslationResult]:
     """Decode token-id sources (each already ending with eos); results in input order."""
     dev = next(model.parameters()).device
     results: list[TranslationResult | None] = [None] * len(sources)
-    for idx in batches_by_length([len(s) for s in sources], max_tokens):
+    for idx in batches_by_length([len(s) for s in sources], max_tokens, max_sentences=256):
         src = pad_batch([sources[i] for i in idx], model.cfg.pad_id).to(dev)
         for i, r in zip(idx, decode(model, src, options), strict=True):
             results[i] = r

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
 from model.data import pad as pad_batch
-from model.decode import batches_by_length, decode
+from model.decode import decode
 from model.transformer import Transformer
+from service.engine import batches_by_length
 from service.options import DecodingOptions
 from service.tokenizer import Tokenizer
 
@@ -62,7 +63,7 @@ def translate_texts(
     ids = [s + [tok.eos_id] for s in tok.encode_batch(sources)]
     out: list[str] = [""] * len(sources)
     bar = tqdm(total=len(sources), unit="sent", desc="translating", disable=not progress, mininterval=2.0)
-    for idx in batches_by_length([len(s) for s in ids], max_tokens):
+    for idx in batches_by_length([len(s) for s in ids], max_tokens, max_sentences=256):
         src = pad_batch([ids[i] for i in idx], model.cfg.pad_id)
         for i, r in zip(idx, decode(model, src, options), strict=True):
             out[i] = tok.decode(r.hypotheses[0].tokens)
