@@ -13,7 +13,8 @@ by length and cut into batches of --batch-sizes sentences), with all cores of th
   checked against PyTorch first), inter_threads = cores, intra_threads = 1 (its best setting on 2 cores).
 Each (system, batch size) runs in its own child process, so peak memory (max RSS) is per system; the
 engine's child never imports torch. Reports sentences/s, target tokens/s (generated tokens, eos
-excluded), process CPU time per sentence, peak RSS (VmHWM) and sacreBLEU, as a Markdown table
+excluded), process CPU time per sentence, peak RSS (VmHWM) and sacreBLEU (median of --repeat
+rounds, every round running every system once), as a Markdown table
 (stdout and OUT/engine_benchmark.md), JSON and a PNG (OUT/engine_benchmark.png). Progress bars go
 to stderr. Loading and one warm-up call are excluded from the times.
 """
@@ -179,9 +180,10 @@ def prepare_ct2(args: argparse.Namespace) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| system | batch | sentences/s | target tokens/s | CPU ms/sentence | peak RSS (MB) | BLEU "
-            "| same output as engine-fp32 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "".join(f"| {r['system']} | {r['batch']} | {r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+    head = ("| system | batch | sentences/s (median) | rounds | target tokens/s | CPU ms/sentence | peak RSS (MB) "
+            "| BLEU | same output as engine-fp32 |\n|---|---:|---:|---|---:|---:|---:|---:|---:|\n")
+    body = "".join(f"| {r['system']} | {r['batch']} | {r['sentences_per_s']:.1f} | "
+                   f"{', '.join(f'{x:.0f}' for x in r['rounds_sentences_per_s'])} | {r['tokens_per_s']:.0f} | "
                    f"{r['cpu_ms_per_sentence']:.0f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | "
                    f"{r['same_as_engine_fp32']} |\n" for r in rows)
     return head + body
@@ -226,21 +228,29 @@ def parent(args: argparse.Namespace) -> int:
     common = ["--data-dir", str(args.data_dir), "--sentences", str(args.sentences), "--checkpoint", args.checkpoint,
               "--fp32", args.fp32, "--int8", args.int8, "--fp16", args.fp16, "--ct2-dir", str(args.ct2_dir),
               "--device", args.device]
-    runs = [(s, b) for b in batches for s in systems]
-    rows: list[dict[str, Any]] = []
+    # Rounds: every (system, batch) once per round, so slow drifts of the machine hit all alike;
+    # each cell reports the median round (by sentences/s).
+    runs = [(r, s, b) for r in range(args.repeat) for b in batches for s in systems]
+    samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     outputs: dict[tuple[str, int], list[str]] = {}
-    for n, (system, batch) in enumerate(runs, 1):
-        print(f"[{n}/{len(runs)}] {system}, batch {batch}", file=sys.stderr)
+    for n, (rnd, system, batch) in enumerate(runs, 1):
+        print(f"[{n}/{len(runs)}] round {rnd + 1}: {system}, batch {batch}", file=sys.stderr)
         started = time.perf_counter()
         res = run_child(["--child", system, "--batch", str(batch), *common])
         print(f"    {time.perf_counter() - started:.1f}s", file=sys.stderr)
         outputs[(system, batch)] = res["texts"]
         seconds = res["decode_seconds"]  # the translation loop only: no loading, no warm-up
-        rows.append({"system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
-                     "sentences_per_s": len(res["texts"]) / seconds,
-                     "tokens_per_s": sum(res["lengths"]) / seconds, "peak_rss_mb": res["peak_rss_mb"],
-                     "cpu_ms_per_sentence": 1000 * res["cpu_seconds"] / len(res["texts"]),
-                     "bleu": sacrebleu.corpus_bleu(res["texts"], [refs]).score})
+        samples.setdefault((system, batch), []).append({
+            "system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
+            "sentences_per_s": len(res["texts"]) / seconds, "tokens_per_s": sum(res["lengths"]) / seconds,
+            "peak_rss_mb": res["peak_rss_mb"], "cpu_ms_per_sentence": 1000 * res["cpu_seconds"] / len(res["texts"]),
+            "bleu": sacrebleu.corpus_bleu(res["texts"], [refs]).score})
+    rows: list[dict[str, Any]] = []
+    for runs_of_cell in samples.values():
+        ranked = sorted(runs_of_cell, key=lambda r: r["sentences_per_s"])
+        row = dict(ranked[len(ranked) // 2])
+        row["rounds_sentences_per_s"] = [round(r["sentences_per_s"], 1) for r in runs_of_cell]
+        rows.append(row)
     for r in rows:
         base = outputs.get(("engine-fp32", r["batch"]))
         mine = outputs[(r["system"], r["batch"])]
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--batch-sizes", default="32,1")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each cell reports the median round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)

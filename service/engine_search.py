@@ -183,6 +183,8 @@ class BeamSearch:
         self.history = np.zeros((b, 0), dtype=np.int64)  # (R, T) tokens of every live row
         self.finished: list[list[_Finished]] = [[] for _ in range(b)]
         self._step = 0
+        self._first_k = (np.arange(2 * self.k) < self.k)[None, :]  # (1, 2K) ranks where eos may finish
+        self._beam_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def start(self) -> StepRequest:
         b = self.alive.size
@@ -192,62 +194,74 @@ class BeamSearch:
         step, k, n = self._step, self.k, self.alive.size
         per = self.scores.shape[1]  # rows per sentence this step: 1 at step 0, K after
         width = 2 * k
-        row_max = np.repeat(self.max_lens[self.alive], per)  # (R,)
+        row_max = np.repeat(self.max_lens[self.alive], per) if per > 1 else self.max_lens[self.alive]  # (R,)
         vals, toks = masked_candidates(scores, step, row_max, self.ids, self.options.min_decoding_length)
         kk = vals.shape[1]
         cand = (self.scores.reshape(-1, 1) + vals).reshape(n, per * kk)  # (B, per*k) float64
         toks = toks.reshape(n, per * kk)
-        flat = (np.arange(per * kk) // kk)[None, :] * self.vocab + toks  # the reference's index into K*V
+        beam = self._beam_of_column(per, kk)  # (per*k,) row within its sentence of every column
+        flat = beam * self.vocab + toks  # the reference's index into K*V
         order = np.lexsort((flat, -cand), axis=1)[:, :width]  # (B, 2K) best first, ties by index
-        top_v = np.take_along_axis(cand, order, axis=1)
-        top_t = np.take_along_axis(toks, order, axis=1)
-        top_b = order // kk  # row within its sentence
+        sent = np.arange(n)[:, None]
+        top_v, top_t, top_b = cand[sent, order], toks[sent, order], beam[order]  # (B, 2K) each
 
         finite = top_v > NEG_INF
         is_eos = top_t == self.ids.eos
         live = finite & ~is_eos
         slot = np.cumsum(live, axis=1) - 1  # (B, 2K) live row a candidate would fill
         fill = live & (slot < k)
-        finish = finite & is_eos & (np.arange(width) < k)[None, :]  # eos counts only among the first K
+        finish = finite & is_eos & self._first_k  # eos counts only among the first K
 
         next_scores = np.full((n, k), NEG_INF, dtype=np.float64)
         next_tokens = np.full((n, k), self.ids.eos, dtype=np.int64)
-        origins = np.repeat(np.arange(n)[:, None] * per, k, axis=1)  # dead rows continue the sentence's row 0
+        origins = np.repeat(sent * per, k, axis=1)  # dead rows continue the sentence's row 0
         js, rs = np.nonzero(fill)
-        next_scores[js, slot[js, rs]] = top_v[js, rs]
-        next_tokens[js, slot[js, rs]] = top_t[js, rs]
-        origins[js, slot[js, rs]] = js * per + top_b[js, rs]
+        slots = slot[js, rs]
+        next_scores[js, slots] = top_v[js, rs]
+        next_tokens[js, slots] = top_t[js, rs]
+        origins[js, slots] = js * per + top_b[js, rs]
 
         length = step + 1
-        for j, r in zip(*np.nonzero(finish), strict=True):  # row-major: rank order within a sentence
-            orig = int(self.alive[j])
-            lp = float(top_v[j, r])
-            reason = "length" if length >= int(self.max_lens[orig]) else "eos"
-            tokens = self.history[j * per + int(top_b[j, r])].tolist()
-            self.finished[orig].append(_Finished(self.options.normalize(lp, length), lp, tokens, reason))
+        if finish.any():
+            for j, r in zip(*np.nonzero(finish), strict=True):  # row-major: rank order within a sentence
+                orig = int(self.alive[j])
+                lp = float(top_v[j, r])
+                reason = "length" if length >= int(self.max_lens[orig]) else "eos"
+                tokens = self.history[j * per + int(top_b[j, r])].tolist()
+                self.finished[orig].append(_Finished(self.options.normalize(lp, length), lp, tokens, reason))
 
-        keep = [j for j in range(n)
-                if not _sentence_done(self.finished[int(self.alive[j])], next_scores[j], length, k, self.options)]
+        best_live = next_scores.max(axis=1).tolist()  # (B,)
+        keep = [j for j, orig in enumerate(self.alive.tolist())
+                if not _sentence_done(self.finished[orig], best_live[j], length, k, self.options)]
         self._step = length
         if not keep:
             self.alive = self.alive[:0]
             return None
-        keep_a = np.asarray(keep, dtype=np.int64)
-        cache_index = origins[keep_a].reshape(-1)  # (R',) rows of this step the next rows continue
-        self.history = np.concatenate([self.history[cache_index], next_tokens[keep_a].reshape(-1, 1)], axis=1)
-        self.scores = next_scores[keep_a]
-        changed = keep_a.size < n
-        self.alive = self.alive[keep_a]
-        return StepRequest(length, next_tokens[keep_a].reshape(-1, 1), cache_index,
-                           keep_a if changed else None, self.topk)
+        if len(keep) == n:
+            cache_index, tokens_in = origins.reshape(-1), next_tokens.reshape(-1, 1)
+            self.scores, sentences = next_scores, None
+        else:
+            keep_a = np.asarray(keep, dtype=np.int64)
+            cache_index, tokens_in = origins[keep_a].reshape(-1), next_tokens[keep_a].reshape(-1, 1)
+            self.scores, sentences = next_scores[keep_a], keep_a
+            self.alive = self.alive[keep_a]
+        # (R', T+1): the tokens of every next row; cache_index indexes this step's rows.
+        self.history = np.concatenate([self.history[cache_index], tokens_in], axis=1)
+        return StepRequest(length, tokens_in, cache_index, sentences, self.topk)
+
+    def _beam_of_column(self, per: int, kk: int) -> np.ndarray:
+        key = (per, kk)
+        if key not in self._beam_cache:
+            self._beam_cache[key] = np.arange(per * kk) // kk
+        return self._beam_cache[key]
 
     def results(self) -> list[TranslationResult]:
         return [_result(f, self.options) for f in self.finished]
 
 
-def _sentence_done(finished: list[_Finished], live_scores: np.ndarray, length: int, k: int,
+def _sentence_done(finished: list[_Finished], best_live: float, length: int, k: int,
                    options: DecodingOptions) -> bool:
-    best_live = float(live_scores.max())
+    """The reference's stop test, given the sentence's best live score (float64)."""
     if best_live == NEG_INF:
         return True
     if len(finished) < k:
