@@ -69,6 +69,8 @@ class DecoderState:
     src_mask: np.ndarray  # (B, S) bool, True at real source tokens; host side, small
     past: list[ort.OrtValue] | None = None  # per layer past_k, past_v: (R, H, T, Dh); None before step 0
     steps: int = field(default=0)
+    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask and outputs stay bound
+    topk: int = 0  # the top-k width bound now
 
 
 class OrtModel:
@@ -140,23 +142,28 @@ class OrtModel:
         return DecoderState(cross, src_ids != self.entry.config.pad_id)
 
     def step(self, state: DecoderState, request: StepRequest) -> StepScores:
-        """One decoder call for the rows of `request`; updates `state` (past K/V, live sentences)."""
-        if request.sentences is not None:
+        """One decoder call for the rows of `request`; updates `state` (past K/V, live sentences).
+
+        The loop keeps one IO binding: cross K/V, src_mask and the top-k width are bound once (again
+        only when sentences leave or the width changes); each step rebinds the token ids, positions,
+        cache_index, past K/V and the outputs.
+        """
+        binding = state.binding
+        if binding is None:
+            binding = state.binding = self.decoder.io_binding()
+            self._bind_sentences(binding, state)
+        elif request.sentences is not None:
             state.cross = self._gather_sentences(state.cross, request.sentences)
             state.src_mask = np.ascontiguousarray(state.src_mask[request.sentences])
+            self._bind_sentences(binding, state)
+        if request.topk != state.topk:
+            binding.bind_cpu_input(sig.TOPK, np.array([request.topk], dtype=np.int64))
+            state.topk = request.topk
         rows = request.input_ids.shape[0]
-        binding = self.decoder.io_binding()
         # Small host inputs; under CUDA onnxruntime copies them to the device.
         binding.bind_cpu_input(sig.INPUT_IDS, np.ascontiguousarray(request.input_ids, dtype=np.int64))
         binding.bind_cpu_input(sig.POSITION, np.full(rows, request.step, dtype=np.int64))
-        binding.bind_cpu_input(sig.SRC_MASK, state.src_mask)
         binding.bind_cpu_input(sig.CACHE_INDEX, np.ascontiguousarray(request.cache_index, dtype=np.int64))
-        binding.bind_cpu_input(sig.TOPK, np.array([request.topk], dtype=np.int64))
-        for name, value in zip(self._cross_names, state.cross, strict=True):
-            if self.device == CPU:
-                binding.bind_cpu_input(name, value)  # no copy: ORT reads the numpy buffer
-            else:
-                binding.bind_ortvalue_input(name, value)
         if state.past is None:  # first step: a zero-length past that cache_index = arange(R) indexes
             empty = np.zeros((rows, self.heads, 0, self.head_dim), dtype=self.kv_dtype)
             for name in self._past_names:
@@ -164,6 +171,8 @@ class OrtModel:
         else:
             for name, value in zip(self._past_names, state.past, strict=True):
                 binding.bind_ortvalue_input(name, value)
+        # Outputs are rebound every step: after a run they hold that step's tensors, whose shapes
+        # (rows, past length) the next step no longer has.
         binding.bind_output(sig.LOG_PROBS, self.device)
         binding.bind_output(sig.TOPK_LOG_PROBS, CPU)
         binding.bind_output(sig.TOPK_IDS, CPU)
@@ -176,6 +185,15 @@ class OrtModel:
         state.steps += 1
         eos = self.eos_id
         return StepScores(outputs[1].numpy(), outputs[2].numpy(), lambda: log_probs.numpy()[:, eos])
+
+    def _bind_sentences(self, binding: Any, state: DecoderState) -> None:
+        """Bind what is per live sentence: the padding mask and the cross K/V."""
+        binding.bind_cpu_input(sig.SRC_MASK, state.src_mask)
+        for name, value in zip(self._cross_names, state.cross, strict=True):
+            if self.device == CPU:
+                binding.bind_cpu_input(name, value)  # no copy: ORT reads the numpy buffer
+            else:
+                binding.bind_ortvalue_input(name, value)
 
     def _gather_sentences(self, values: list[Any], index: np.ndarray) -> list[Any]:
         """values[i][index] along the batch axis, on this model's device."""
