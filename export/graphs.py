@@ -38,8 +38,10 @@ import logging
 import warnings
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import Tensor, nn
 
 from model.transformer import Transformer
@@ -224,10 +226,36 @@ def finalize_graph(proto: onnx.ModelProto, spec: sig.GraphSignature) -> onnx.Mod
             if isinstance(w, str):
                 d.Clear()
                 d.dim_param = w
+    fold_constant_concats(graph)
     # Intermediate shapes inferred by the exporter may name the old dims; drop them (ORT re-infers).
     del graph.value_info[:]
     sig.check_onnx("graph", spec, proto)
     return proto
+
+
+def fold_constant_concats(graph: onnx.GraphProto) -> int:
+    """Replace every Concat of initializers with one initializer; returns how many were folded.
+
+    The decoder's fused q/k/v projection concatenates three weight matrices at run time in
+    PyTorch (`MultiHeadAttention.project_qkv_one`); the exporter leaves that Concat in the graph
+    (it does not fold large constants). Folded here, the GEMM reads one (3D, D) weight, which is
+    also what int8 quantization needs (it only quantizes constant weights). Inputs nothing else
+    reads are dropped, so the file holds each weight once.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Concat" or not node.input or not all(i in inits for i in node.input):
+            continue
+        axis = int(next(a.i for a in node.attribute if a.name == "axis"))
+        value = np.concatenate([numpy_helper.to_array(inits[i]) for i in node.input], axis=axis)
+        graph.node.remove(node)
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        inits[node.output[0]] = graph.initializer[-1]
+        for name in set(node.input):
+            _drop_if_unused(graph, name)
+        folded += 1
+    return folded
 
 
 def _drop_if_unused(graph: onnx.GraphProto, name: str) -> None:

@@ -9,7 +9,9 @@ Two ways to run the decoder:
 - `encode` + `cross_kv` once per source, then `decode_step` once per generated token,
   with a self-attention cache that grows by one position a step. This is the API the ONNX
   exporter wraps; `decode_step` takes `cache_index` so beam reordering and the removal of
-  finished sentences are one gather on the cache.
+  finished sentences are one gather on the cache. Its layers run `DecoderLayer.step`, the
+  same arithmetic as `DecoderLayer.forward` for one position, kept 2-D with q/k/v in one GEMM
+  (a smaller, faster exported graph; the tests hold it to the full forward at 1e-5).
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, x: Tensor) -> KV:
         """Keys and values of x (N, T, D), each (N, H, T, Dh)."""
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def project_qkv_one(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of one position per row, x (R, D) -> each (R, H, 1, Dh), in ONE matmul.
+
+        The three projections concatenated: one (D, 3D) GEMM instead of three (D, D) ones, and in
+        the exported decoder one MatMul node where there were three (see Transformer.decode_step).
+        """
+        r = x.size(0)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
+        b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])  # (3D,)
+        qkv = F.linear(x, w, b).view(r, 3, self.heads, 1, self.head_dim)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Queries from x (N, Tq, D) against k, v (N, H, Tk, Dh) -> (N, Tq, D)."""
@@ -169,6 +183,30 @@ class DecoderLayer(nn.Module):
         h = self.sub2.inner(x).reshape(b, -1, d)  # (B, K*Tq, D)
         y = self.cross_attn.attend(h, cross[0], cross[1], src_mask).reshape(r, tq, d)
         x = self.sub2.outer(x, y)
+        return self.sub3.outer(x, self.ff(self.sub3.inner(x))), (k, v)
+
+    def step(self, x: Tensor, cross: KV, src_mask: Tensor, past: KV) -> tuple[Tensor, KV]:
+        """`forward` for one new position per row, kept 2-D: x (R, D) -> (R, D).
+
+        The same arithmetic as forward(x[:, None], ...), written for the one-step decoder graph:
+        activations stay (R, D) so every projection is a plain 2-D GEMM with its bias fused, and
+        q/k/v are one GEMM. past K/V (R, H, Tp, Dh) already gathered by cache_index; cross K/V
+        (B, H, S, Dh) with R = B*K consecutive rows; src_mask (B, 1, 1, S). Returns (x, present
+        self K/V (R, H, Tp+1, Dh)).
+        """
+        r, d = x.shape
+        attn = self.self_attn
+        h = self.sub1.inner(x)
+        q, k, v = attn.project_qkv_one(h)  # (R, H, 1, Dh) each
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        ctx, _ = attention(q, k, v, None)  # (R, H, 1, Dh)
+        x = self.sub1.outer(x, attn.out_proj(ctx.reshape(r, d)))
+
+        b = cross[0].size(0)
+        cross_attn = self.cross_attn
+        q = cross_attn.q_proj(self.sub2.inner(x)).view(b, -1, cross_attn.heads, cross_attn.head_dim).transpose(1, 2)
+        ctx, _ = attention(q, cross[0], cross[1], src_mask)  # (B, H, K, Dh)
+        x = self.sub2.outer(x, cross_attn.out_proj(ctx.transpose(1, 2).reshape(r, d)))
         return self.sub3.outer(x, self.ff(self.sub3.inner(x))), (k, v)
 
 
@@ -282,14 +320,14 @@ class Transformer(nn.Module):
         continues row cache_index[r] of the previous step.
         Returns (log_probs (R, V), present: per layer self K/V (R, H, Tp+1, Dh)).
         """
-        x = self.tgt_embed(input_ids, position[:, None])  # (R, 1, D)
+        x = self.tgt_embed(input_ids, position[:, None])[:, 0]  # (R, D)
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         present: list[KV] = []
         for layer, kv, (pk, pv) in zip(self.decoder_layers, cross, past, strict=True):
             pk, pv = pk.index_select(0, cache_index), pv.index_select(0, cache_index)
-            x, new = layer(x, kv, mask, None, (pk, pv))
+            x, new = cast(DecoderLayer, layer).step(x, kv, mask, (pk, pv))
             present.append(new)
-        logits = self.logits(self.decoder_norm(x[:, -1]))  # (R, V)
+        logits = self.logits(self.decoder_norm(x))  # (R, V)
         return torch.log_softmax(logits.float(), dim=-1), present
 
     def empty_cache(self, rows: int, device: torch.device | None = None) -> list[KV]:

@@ -24,6 +24,25 @@ def test_int8_graphs_hold_quantized_matmuls(tiny_int8_entry: Path) -> None:
     assert "Gemm" not in ops  # the output projection was rewritten as a quantizable MatMul
 
 
+def test_every_weight_matmul_of_the_int8_decoder_is_quantized(tiny_int8_entry: Path) -> None:
+    """No float GEMM on a constant weight is left, the fused q/k/v projection included."""
+    graph = onnx.load(str(tiny_int8_entry / "decoder.onnx")).graph
+    weights = {t.name for t in graph.initializer}
+    float_gemms = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert float_gemms == []
+
+
+def test_decoder_projects_q_k_v_with_one_constant_weight_per_layer(tiny_repository_entry: Path) -> None:
+    graph = onnx.load(str(tiny_repository_entry / "decoder.onnx")).graph
+    weights = {t.name: t for t in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "Concat" and all(i in weights for i in n.input)]
+    manifest = read_manifest(tiny_repository_entry)
+    d, layers = manifest["model_config"]["d_model"], manifest["model_config"]["decoder_layers"]
+    fused = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
+             and 3 * d in weights[n.input[1]].dims]
+    assert len(fused) == layers
+
+
 def test_int8_entry_loads_and_decodes_like_fp32(tiny_int8_entry: Path, tiny_repository_entry: Path,
                                                 tiny_model) -> None:  # type: ignore[no-untyped-def]
     model, tok = tiny_model

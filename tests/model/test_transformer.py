@@ -101,6 +101,30 @@ def test_incremental_decoding_matches_full_recomputation(model: Transformer) -> 
             ids, prefix = nxt, torch.cat([prefix, nxt], dim=1)
 
 
+def test_decode_step_with_several_rows_per_sentence_matches_full_recomputation(model: Transformer) -> None:
+    """Beam-shaped steps: K=3 rows per sentence with different prefixes, shuffled by cache_index
+    every step; every row's log-probs equal re-running its whole prefix (1e-5)."""
+    k = 3
+    src = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 2, 0, 0]])
+    rows_src = src.repeat_interleave(k, dim=0)  # (B*K, S): row r belongs to sentence r // K
+    src_mask = src != 0
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cross = model.cross_kv(model.encode(src))
+        past = model.empty_cache(2 * k)
+        prefix = torch.full((2 * k, 1), CFG.bos_id)
+        cache_index = torch.arange(2 * k)
+        for step in range(6):
+            lp, past = model.decode_step(prefix[:, -1:], torch.full((2 * k,), step), src_mask, cross, past,
+                                         cache_index)
+            full = torch.log_softmax(model(rows_src, prefix)[:, -1], dim=-1)
+            assert torch.allclose(lp, full, atol=1e-5), step
+            # Next step: each row continues a random row of its own sentence with a random token.
+            cache_index = torch.arange(2 * k) // k * k + torch.randint(0, k, (2 * k,), generator=gen)
+            nxt = torch.randint(3, CFG.vocab_size, (2 * k, 1), generator=gen)
+            prefix = torch.cat([prefix[cache_index], nxt], dim=1)
+
+
 def test_cache_index_reorders_and_drops_rows(model: Transformer) -> None:
     src = torch.tensor([[5, 6, 7, 2], [9, 10, 2, 0]])
     src_mask = src != 0
