@@ -214,16 +214,19 @@ class Scheduler:
         return removed
 
     def _drop_expired(self, now: float) -> None:
-        """Fail queued sentences whose deadline passed or whose future is already done (cancelled)."""
-        expired = 0
+        """Fail queued sentences whose deadline passed, and remove those whose future is already done
+        (its call was cancelled before `Ticket.cancel` ran); both count as dropped, once."""
+        dropped = {"deadline": 0, "cancelled": 0}
         for options, group in list(self._groups.items()):
             keep: list[_Item] = []
             for it in group:
+                expired = it.ticket.deadline is not None and now >= it.ticket.deadline
                 if it.future.done():
+                    dropped["deadline" if expired else "cancelled"] += 1
                     continue
-                if it.ticket.deadline is not None and now >= it.ticket.deadline:
+                if expired:
                     it.future.set_exception(DeadlineExceeded("deadline passed while the sentence was queued"))
-                    expired += 1
+                    dropped["deadline"] += 1
                     continue
                 keep.append(it)
             self._queued -= len(group) - len(keep)
@@ -231,8 +234,10 @@ class Scheduler:
                 self._groups[options] = keep
             else:
                 del self._groups[options]
-        if expired and self._observer is not None:
-            self._observer.on_dropped("deadline", expired)
+        if self._observer is not None:
+            for reason, count in dropped.items():
+                if count:
+                    self._observer.on_dropped(reason, count)
         self._report_queue()
 
     def _is_full(self, group: list[_Item]) -> bool:

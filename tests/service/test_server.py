@@ -22,7 +22,9 @@ from service.proto import translate_pb2 as pb
 BEAM4 = DecodingOptions(beam_size=4, num_hypotheses=2)
 GREEDY = DecodingOptions(beam_size=1)
 # Keeps the only worker busy for a while: eos blocked for 240 steps, 32 sentences x 8 beams.
-SLOW = pb.DecodingOptions(beam_size=8, min_decoding_length=240, max_decoding_length=250)
+# ~0.45 s on the tiny model here (beam 8 took 0.22 s once the engine got faster: too close to the
+# 0.3 s deadlines below); the tests that need more queue a second slow call behind the first.
+SLOW = pb.DecodingOptions(beam_size=16, min_decoding_length=240, max_decoding_length=250)
 
 
 def request(sentences: list[str], options: DecodingOptions | pb.DecodingOptions | None = None,
@@ -270,13 +272,17 @@ def test_passed_deadline_is_dropped_before_compute(narrow_server: Any, german: l
     assert status_of(lambda: stub.Translate(request(german[:1], GREEDY), timeout=0.0001)) \
         == grpc.StatusCode.DEADLINE_EXCEEDED
     slow = occupy(narrow_server, german)
+    # A second slow call waits behind the first (its group is older than the next one), so the
+    # worker stays busy for two slow calls: well past the 0.3 s deadline below.
+    also_slow = stub.Translate.future(request(german[:4], SLOW), timeout=120)
+    wait_until(lambda: narrow_server.metric("rosetta_queue_depth_sentences", model="tiny") == 4)
     sentences_run = narrow_server.metric("rosetta_batch_size_sentences_sum", model="tiny")
     assert status_of(lambda: stub.Translate(request(german[4:7], GREEDY), timeout=0.3)) \
         == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert len(slow.result().results) == 4
+    assert len(slow.result().results) == 4 and len(also_slow.result().results) == 4
     wait_until(lambda: narrow_server.metric("rosetta_queue_depth_sentences", model="tiny") == 0)
-    # the expired sentences never reached the engine
-    assert narrow_server.metric("rosetta_batch_size_sentences_sum", model="tiny") == sentences_run
+    # the expired sentences never reached the engine: only the second slow call's 4 ran since
+    assert narrow_server.metric("rosetta_batch_size_sentences_sum", model="tiny") == sentences_run + 4
     dropped = sum(narrow_server.metric("rosetta_dropped_sentences_total", model="tiny", reason=r)
                   for r in ("deadline", "cancelled"))
     assert dropped == 3

@@ -180,6 +180,46 @@ def test_cancelled_ticket_is_removed_before_compute() -> None:
     assert [66] not in ran and [67] not in ran and [2] in ran
 
 
+class DropCounter:
+    """A scheduler observer that counts dropped sentences by reason."""
+
+    def __init__(self) -> None:
+        self.dropped: dict[str, int] = {}
+
+    def on_dropped(self, reason: str, sentences: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + sentences
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: None  # the other hooks: queue depth, batch sizes ...
+
+
+def test_futures_cancelled_without_their_ticket_are_counted_once_when_removed() -> None:
+    """A call's futures can be cancelled (its task was) before Ticket.cancel runs; whichever removes
+    the sentences first counts them as dropped, and only once."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+    counter = DropCounter()
+
+    async def main() -> None:
+        sched = Scheduler([rec], SchedulerConfig(max_wait_ms=0), observer=counter)  # type: ignore[arg-type]
+        sched.start()
+        running = sched.submit([[1]], BEAM4)
+        await asyncio.sleep(0.05)
+        doomed = sched.submit([[66], [67], [68]], BEAM4)
+        for fut in doomed.futures:
+            fut.cancel()
+        gate.set()  # the runner frees up; the scheduler sweeps its queue before the next batch
+        await asyncio.gather(*running.futures)
+        await asyncio.sleep(0.05)
+        assert doomed.cancel() == 0  # already swept
+        assert sched.queued_sentences == 0
+        await sched.close()
+
+    run(main())
+    assert counter.dropped == {"cancelled": 3}
+    assert all(s not in sources for sources, _ in rec.batches for s in ([66], [67], [68]))
+
+
 def test_expired_deadline_is_dropped_before_compute() -> None:
     gate = threading.Event()
     rec = Recorder(gate)
