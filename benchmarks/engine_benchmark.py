@@ -8,6 +8,9 @@ test_2016_flickr DE->EN, beam 4, every system on the same sentences in chunks of
 by length and cut into batches of --batch-sizes sentences), with all cores of the machine:
 - engine-fp32 / engine-int8: `Engine.translate_batch` with its measured CPU threading (one intra-op
   thread per call, one batch per core);
+- engine-fp32-procs / engine-int8-procs: the same with `EngineConfig(worker_processes=cores)`: one
+  engine per worker process, one batch per core, no shared GIL (CPU time and peak RSS include the
+  workers);
 - pytorch: `model.decode` (the reference beam search) with torch using every core;
 - ct2-fp32 / ct2-int8: CTranslate2 on the same weights (converted by benchmarks/ct2_convert.py and
   checked against PyTorch first), inter_threads = cores, intra_threads = 1 (its best setting on 2 cores).
@@ -33,7 +36,8 @@ from typing import Any
 from service.options import DecodingOptions
 
 CHUNK = 250  # sentences per call: every system gets the same chunks, each sorted by length inside
-SYSTEMS = ("engine-fp32", "engine-int8", "pytorch", "ct2-fp32", "ct2-int8")  # the CPU comparison
+# The CPU comparison; -procs: the engine's internal batches in worker processes (EngineConfig.worker_processes).
+SYSTEMS = ("engine-fp32", "engine-int8", "engine-fp32-procs", "engine-int8-procs", "pytorch", "ct2-fp32", "ct2-int8")
 # On a GPU (--device cuda) compare fp32 and fp16 instead: engine-fp16 (needs --fp16) and ct2-fp16.
 BEAM = 4
 # One absolute length cap for every system (CTranslate2 has no cap relative to the source length):
@@ -67,23 +71,50 @@ def read(path: Path) -> list[str]:
 # -- children: one system at one batch size -------------------------------------------------------------
 
 
-def run_engine(entry: str, lines: list[str], batch: int, device: str) -> tuple[list[str], list[int], float, float]:
+def _worker_pids(engine: Any) -> list[int]:
+    pool = engine._processes  # noqa: SLF001  the engine's worker processes (worker_processes > 0)
+    return [] if pool is None else [p.pid for p in pool._processes.values()]  # noqa: SLF001
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _proc_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_engine(entry: str, lines: list[str], batch: int, device: str,
+               processes: int = 0) -> tuple[list[str], list[int], float, float, float]:
+    """(texts, lengths, seconds, CPU seconds, extra peak RSS MB of worker processes)."""
     from tqdm import tqdm
 
     from service.engine import Engine, EngineConfig
 
-    engine = Engine.load(entry, EngineConfig(provider=device, max_batch_sentences=batch, max_batch_tokens=1 << 30))
+    engine = Engine.load(entry, EngineConfig(provider=device, max_batch_sentences=batch, max_batch_tokens=1 << 30,
+                                             worker_processes=processes))
     opts = options()
-    engine.translate_batch(lines[:8], opts)  # warm-up: first-run allocations
+    # Warm-up: first-run allocations; with worker processes, enough batches to start all of them.
+    engine.translate_batch(lines[: 8 if not processes else 4 * processes * batch], opts)
+    workers = _worker_pids(engine)
     texts: list[str] = []
     lengths: list[int] = []
+    worker_cpu = sum(_proc_cpu_seconds(pid) for pid in workers)
     started, cpu = time.perf_counter(), time.process_time()
     with tqdm(total=len(lines), desc=f"engine b{batch}", unit="sent", file=sys.stderr) as bar:
         for start in range(0, len(lines), CHUNK):
             for r in engine.translate_batch(lines[start:start + CHUNK], opts, progress=bar.update):
                 texts.append(r.hypotheses[0].text)
                 lengths.append(len(r.hypotheses[0].tokens))
-    return texts, lengths, time.perf_counter() - started, time.process_time() - cpu
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    cpu += sum(_proc_cpu_seconds(pid) for pid in workers) - worker_cpu
+    worker_rss = sum(_proc_peak_rss_mb(pid) for pid in workers)
+    engine.close()
+    return texts, lengths, seconds, cpu, worker_rss
 
 
 def run_pytorch(checkpoint: str, lines: list[str], batch: int,
@@ -144,9 +175,12 @@ def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int, compute_
 def child(args: argparse.Namespace) -> int:
     lines = read(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
     system = args.child
+    extra_rss = 0.0
     if system.startswith("engine-"):
-        entry = {"engine-fp32": args.fp32, "engine-int8": args.int8, "engine-fp16": args.fp16}[system]
-        texts, lengths, seconds, cpu = run_engine(entry, lines, args.batch, args.device)
+        precision = system.split("-")[1]
+        entry = {"fp32": args.fp32, "int8": args.int8, "fp16": args.fp16}[precision]
+        processes = cores() if system.endswith("-procs") else 0
+        texts, lengths, seconds, cpu, extra_rss = run_engine(entry, lines, args.batch, args.device, processes)
     elif system == "pytorch":
         texts, lengths, seconds, cpu = run_pytorch(args.checkpoint, lines, args.batch, args.device)
     else:
@@ -155,7 +189,7 @@ def child(args: argparse.Namespace) -> int:
         texts, lengths, seconds, cpu = run_ct2(str(args.ct2_dir), tokenizer, lines, args.batch, compute_type,
                                                args.device)
     print(json.dumps({"texts": texts, "lengths": lengths, "decode_seconds": seconds, "cpu_seconds": cpu,
-                      "peak_rss_mb": peak_rss_mb(),
+                      "peak_rss_mb": peak_rss_mb() + extra_rss,
                       "torch_imported": "torch" in sys.modules}))
     return 0
 

@@ -16,7 +16,9 @@ Threads (CPU): see benchmarks/README.md, "Engine: CPU thread settings". With `in
 the engine uses what that measurement chose for a machine this size: one intra-op thread per
 session call and as many concurrent batches as cores (`Engine.workers`). Concurrent calls of
 `translate_ids` from several threads are safe and run in parallel; `translate_batch` does that
-itself with its internal batches.
+itself with its internal batches. `EngineConfig.worker_processes=N` makes `translate_batch` decode
+them in N worker processes instead (one engine each, no shared GIL: faster for many small batches,
+e.g. `rosetta translate --worker-processes 2 --max-batch-sentences 1`; CPU only).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,11 +62,15 @@ class EngineConfig:
     max_batch_tokens: int = 4096  # padded source tokens (eos included) per internal batch of translate_batch
     max_batch_sentences: int = 64  # sentences per internal batch of translate_batch
     parallel_batches: int = 0  # internal batches translate_batch decodes at once; 0: cores / intra-op threads
+    # translate_batch on CPU: decode the internal batches in this many worker processes, one engine
+    # each, instead of threads of this process (0: threads). No shared GIL: 1.26x at batch 1 on two
+    # cores (benchmarks/README.md); costs one model copy and ~1 s of start-up per process.
+    worker_processes: int = 0
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
             raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {self.provider!r}")
-        for name in ("intra_op_threads", "inter_op_threads", "parallel_batches"):
+        for name in ("intra_op_threads", "inter_op_threads", "parallel_batches", "worker_processes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_batch_tokens < 1 or self.max_batch_sentences < 1:
@@ -171,6 +178,7 @@ class Engine:
         # for its eos at position max_length - 1.
         self.max_source_tokens: int = cfg.max_positions - 1  # tokens without the eos the engine appends
         self.max_target_tokens: int = cfg.max_positions  # generated tokens, eos included
+        self._processes: ProcessPoolExecutor | None = None  # config.worker_processes > 0, made on first use
 
     @classmethod
     def load(cls, entry_dir: str | Path, config: EngineConfig = EngineConfig()) -> Engine:
@@ -201,7 +209,8 @@ class Engine:
         """Translate `sentences`; one result per sentence, in order, hypotheses with their text.
 
         Splits them into internal batches sorted by length (capped by max_batch_tokens and
-        max_batch_sentences) and decodes up to `workers` batches at once. `progress(n)` is called
+        max_batch_sentences) and decodes up to `workers` batches at once (threads), or in
+        `config.worker_processes` processes, a few batches per task. `progress(n)` is called
         with the number of sentences of every batch that completes. Raises ValueError for a
         sentence longer than max_source_tokens.
         """
@@ -214,7 +223,21 @@ class Engine:
         def run(idx: list[int]) -> tuple[list[int], list[TranslationResult]]:
             return idx, self.translate_ids([ids[i] for i in idx], options)
 
-        if self.workers > 1 and len(batches) > 1:
+        processes = self._process_pool() if len(batches) > 1 else None
+        if processes is not None:
+            # Longest first, a few tasks per process: one task per batch costs an IPC round trip
+            # per sentence at batch 1.
+            order = list(reversed(batches))
+            per_task = max(1, len(order) // (4 * self.config.worker_processes))
+            pending = {}
+            for k in range(0, len(order), per_task):
+                group = order[k: k + per_task]
+                task = processes.submit(_process_translate, [[ids[i] for i in idx] for idx in group], options)
+                pending[task] = group
+            for done in as_completed(pending):
+                for idx, batch in zip(pending[done], done.result(), strict=True):
+                    self._place(results, idx, batch, progress)
+        elif self.workers > 1 and len(batches) > 1:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="rosetta-engine") as pool:
                 # Longest batches first, so the last one to finish is a short one.
                 futures = [pool.submit(run, idx) for idx in reversed(batches)]
@@ -239,6 +262,24 @@ class Engine:
         src, max_lens = self.pad_sources(sources, options)
         search = make_search(max_lens, options, self.special_ids, self.vocab_size)
         return [self._detokenize(r) for r in run_search(self.runtime, src, search, observer)]
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (they also stop when the interpreter exits)."""
+        if self._processes is not None:
+            self._processes.shutdown(cancel_futures=True)
+            self._processes = None
+
+    def _process_pool(self) -> ProcessPoolExecutor | None:
+        """The worker processes of `config.worker_processes` (CPU only), started on first use."""
+        n = self.config.worker_processes
+        if n < 1 or self.provider != CPU:
+            return None
+        if self._processes is None:
+            worker_config = dataclasses.replace(self.config, provider=CPU, parallel_batches=1, worker_processes=0)
+            self._processes = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_process_init,
+                                                  initargs=(str(self.entry.path), worker_config))
+        return self._processes
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -274,3 +315,19 @@ class Engine:
         if progress is not None:
             progress(len(idx))
 
+
+
+# -- worker processes (EngineConfig.worker_processes) ------------------------------------------------
+
+_PROCESS_ENGINE: Engine | None = None  # the engine of a worker process
+
+
+def _process_init(entry_dir: str, config: EngineConfig) -> None:
+    global _PROCESS_ENGINE
+    _PROCESS_ENGINE = Engine.load(entry_dir, config)
+
+
+def _process_translate(batches: list[list[list[int]]], options: DecodingOptions) -> list[list[TranslationResult]]:
+    """Decode several batches, one after the other, in a worker process."""
+    assert _PROCESS_ENGINE is not None, "worker process not initialised"
+    return [_PROCESS_ENGINE.translate_ids(sources, options) for sources in batches]

@@ -7,6 +7,7 @@ model learned, so they end with eos) and test lines (unseen, often cut at max le
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,6 +210,28 @@ def test_translate_batch_in_order_with_text(tiny_repository_entry: Path, engine:
     assert [r.hypotheses[0].tokens for r in results] == [r.hypotheses[0].tokens for r in one_batch]
     for r in results:
         assert r.hypotheses[0].text == engine.tokenizer.decode(r.hypotheses[0].tokens)
+
+
+def test_translate_batch_in_worker_processes_equals_threads(tiny_repository_entry: Path, data_dir: Path) -> None:
+    from model.data import read_lines
+
+    lines = read_lines(data_dir, "test_2016_flickr", "de")[:19] + ["", "Hund"]
+    options = DecodingOptions(beam_size=3, num_hypotheses=2)
+    procs = Engine.load(tiny_repository_entry, EngineConfig(provider="cpu", worker_processes=2, max_batch_sentences=4))
+    try:
+        done: list[int] = []
+        results = procs.translate_batch(lines, options, progress=done.append)
+        pids = procs._processes and {p.pid for p in procs._processes._processes.values()}  # noqa: SLF001
+    finally:
+        procs.close()
+    assert sum(done) == len(lines) and len(done) > 2  # several internal batches went to the processes
+    assert pids and os.getpid() not in pids and len(pids) == 2
+    threads = Engine.load(tiny_repository_entry,
+                          EngineConfig(provider="cpu", parallel_batches=2, max_batch_sentences=4))
+    want = threads.translate_batch(lines, options)  # the same internal batches: bit-identical results
+    assert [[(h.tokens, h.score, h.text) for h in r.hypotheses] for r in results] == \
+        [[(h.tokens, h.score, h.text) for h in r.hypotheses] for r in want]
+    assert procs._processes is None  # noqa: SLF001  closed
 
 
 def test_batches_by_length_respects_caps() -> None:
