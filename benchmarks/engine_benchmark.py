@@ -232,7 +232,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     batches = sorted({r["batch"] for r in rows}, reverse=True)
     systems = list(dict.fromkeys(r["system"] for r in rows))
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4.2))
-    colors = {s: c for s, c in zip(systems, ["#1f77b4", "#6baed6", "#d62728", "#2ca02c", "#98df8a"], strict=False)}
+    palette = {"engine-fp32": "#1f77b4", "engine-int8": "#6baed6", "engine-fp32-procs": "#08519c",
+               "engine-int8-procs": "#9ecae1", "engine-fp16": "#3182bd", "pytorch": "#d62728",
+               "ct2-fp32": "#2ca02c", "ct2-int8": "#98df8a", "ct2-fp16": "#74c476"}
+    spare = iter(plt.get_cmap("tab10").colors)
+    colors = {s: palette.get(s) or next(spare) for s in systems}
     for ax, b in zip(axes, batches, strict=False):
         vals = [next((r["sentences_per_s"] for r in rows if r["system"] == s and r["batch"] == b), 0.0)
                 for s in systems]
@@ -317,9 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each cell reports the median round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw OUT/engine_benchmark.png from OUT/engine_benchmark.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.replot:
+        stem = "engine_benchmark" if args.device == "cpu" else "engine_benchmark_gpu"
+        saved = json.loads((args.out / f"{stem}.json").read_text())
+        plot(saved["rows"], args.out / f"{stem}.png", saved["title"])
+        return 0
     return child(args) if args.child else parent(args)
 
 
