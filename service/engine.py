@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -230,13 +231,17 @@ class Engine:
             order = list(reversed(batches))
             per_task = max(1, len(order) // (4 * self.config.worker_processes))
             pending = {}
-            for k in range(0, len(order), per_task):
-                group = order[k: k + per_task]
-                task = processes.submit(_process_translate, [[ids[i] for i in idx] for idx in group], options)
-                pending[task] = group
-            for done in as_completed(pending):
-                for idx, batch in zip(pending[done], done.result(), strict=True):
-                    self._place(results, idx, batch, progress)
+            try:
+                for k in range(0, len(order), per_task):
+                    group = order[k: k + per_task]
+                    task = processes.submit(_process_translate, [[ids[i] for i in idx] for idx in group], options)
+                    pending[task] = group
+                for done in as_completed(pending):
+                    for idx, batch in zip(pending[done], done.result(), strict=True):
+                        self._place(results, idx, batch, progress)
+            except BrokenProcessPool as err:  # a worker died (killed, out of memory): fresh ones next call
+                self.close()
+                raise RuntimeError(f"an engine worker process died: {err}") from err
         elif self.workers > 1 and len(batches) > 1:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="rosetta-engine") as pool:
                 # Longest batches first, so the last one to finish is a short one.
@@ -266,7 +271,7 @@ class Engine:
     def close(self) -> None:
         """Stop the worker processes, if any (they also stop when the interpreter exits)."""
         if self._processes is not None:
-            self._processes.shutdown(cancel_futures=True)
+            self._processes.shutdown(wait=False, cancel_futures=True)
             self._processes = None
 
     def _process_pool(self) -> ProcessPoolExecutor | None:

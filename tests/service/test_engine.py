@@ -234,6 +234,30 @@ def test_translate_batch_in_worker_processes_equals_threads(tiny_repository_entr
     assert procs._processes is None  # noqa: SLF001  closed
 
 
+def test_a_dead_worker_process_fails_the_call_and_the_next_call_gets_fresh_ones(tiny_repository_entry: Path,
+                                                                                 data_dir: Path) -> None:
+    import signal
+
+    from model.data import read_lines
+
+    lines = read_lines(data_dir, "test_2016_flickr", "de")[:12]
+    options = DecodingOptions(beam_size=2)
+    procs = Engine.load(tiny_repository_entry, EngineConfig(provider="cpu", worker_processes=2, max_batch_sentences=2))
+    try:
+        want = procs.translate_batch(lines, options)
+        pids = {p.pid for p in procs._processes._processes.values()}  # noqa: SLF001
+        os.kill(next(iter(pids)), signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="worker process died"):
+            for _ in range(3):  # the pool may not have noticed the death before the first submit
+                procs.translate_batch(lines, options)
+        got = procs.translate_batch(lines, options)
+        new_pids = {p.pid for p in procs._processes._processes.values()}  # noqa: SLF001
+    finally:
+        procs.close()
+    assert [r.hypotheses[0].tokens for r in got] == [r.hypotheses[0].tokens for r in want]
+    assert new_pids and not new_pids & pids
+
+
 def test_batches_by_length_respects_caps() -> None:
     lengths = [5, 1, 9, 3, 3, 7, 2, 30]
     batches = list(batches_by_length(lengths, max_tokens=12, max_sentences=3))
