@@ -1,4 +1,5 @@
-"""The `rosetta` command. Subcommands import their side lazily, so serving never imports torch.
+"""The `rosetta` command. Each part registers its subcommands (SUBCOMMAND_MODULES) and imports its
+side lazily, so serving never imports torch.
 
 Every setting of a config dataclass is a flag (`--peak-lr`) with an environment-variable twin
 (`ROSETTA_PEAK_LR`); a flag given on the command line wins over the environment.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ENV_PREFIX = "ROSETTA_"
-SUBCOMMAND_MODULES = ("export.cli", "service.engine_cli", "service.server_cli")
+SUBCOMMAND_MODULES = ("model.cli", "export.cli", "service.engine_cli", "service.server_cli")
 
 
 def _parse_bool(text: str) -> bool:
@@ -68,90 +69,15 @@ def build_dataclass(cls: type, args: argparse.Namespace) -> Any:
     return cls(**kwargs)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from model.config import TrainConfig
-    from model.train import train
-
-    cfg = build_dataclass(TrainConfig, args)
-    print(train(cfg))
-    return 0
-
-
-def _cmd_average(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from model.train import average_last
-    from service.tokenizer import Tokenizer
-
-    run = Path(args.run)
-    print(average_last(run, args.last, Tokenizer.load(run / "tokenizer.json")))
-    return 0
-
-
-def _cmd_package(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from model.checkpoint import load_checkpoint, save_checkpoint
-
-    model, tok = load_checkpoint(Path(args.checkpoint))
-    dtype = torch.float16 if args.fp16 else None
-    save_checkpoint(Path(args.out), model, tok, dtype=dtype, metadata={"packaged_from": str(args.checkpoint)})
-    print(args.out)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate_command
-
-    return evaluate_command(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from service.options import DecodingOptions
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="rosetta", description="Transformer translation: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a Transformer on a Multi30k language pair (needs the train extra)")
-    from model.config import TrainConfig  # torch-free dataclasses
-
-    add_dataclass_flags(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("average", help="average the last N epoch checkpoints of a run")
-    p.add_argument("run", help="run folder (TrainConfig.out_dir)")
-    p.add_argument("--last", type=int, default=5)
-    p.set_defaults(func=_cmd_average)
-
-    p = sub.add_parser("package", help="copy a checkpoint folder for shipping, optionally with fp16 weights")
-    p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--out", required=True, help="destination folder")
-    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
-    p.set_defaults(func=_cmd_package)
-
-    p = sub.add_parser("evaluate", help="sacreBLEU + chrF of a checkpoint on a test file pair")
-    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
-    p.add_argument("--src-file", required=True, help="source sentences, one per line (.gz ok)")
-    p.add_argument("--ref-file", required=True, help="reference translations, aligned by line")
-    p.add_argument("--hyp-out", default=None, help="where to write the hypotheses (default: next to nothing)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="padded source tokens per batch")
-    p.add_argument("--threads", type=int, default=0)
-    add_dataclass_flags(p, DecodingOptions)
-    p.set_defaults(func=_cmd_evaluate)
-
     # Subcommands owned by other parts of the codebase: each module has register(subparsers)
     # and must not import torch at import time.
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # part not built yet
-            if err.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
