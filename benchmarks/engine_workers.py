@@ -8,8 +8,9 @@ over rounds on the same test_2016_flickr sentences (beam 4, one sentence per bat
 - 2 threads: the same with parallel_batches=2 (one shared session, two decoding threads, one GIL);
 - 2 processes: two processes with one single-worker engine each, half of the sentences each (no
   shared GIL; started and warmed up before the clock starts);
-and the decoder graph alone (4 rows, past 8): one thread, then two threads calling one session, with
-no Python between calls. Prints a Markdown table of sentences/s (or calls/s) per round.
+and the decoder graph alone (`export.measure.graph_calls`, 4 rows, past 8): one thread, then two
+threads calling one session, with no Python between calls. Prints a Markdown table of sentences/s
+(or calls/s) per round.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import gzip
 import multiprocessing as mp
 import statistics
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -78,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         for parent in pipes:
             parent.recv()
 
-    # The decoder graph alone, from benchmarks/decoder_step.py's inputs.
-    from decoder_step import feeds, session  # benchmarks/ is on sys.path when run as a script
-    graph, inputs, calls = session(Path(args.entry)), feeds(Path(args.entry), 4, 8), 400
+    # The decoder graph alone (export.measure's inputs): one sentence at beam 4, 8 cached positions.
+    from export.measure import graph_calls
+    from export.ort_graphs import OrtGraphs
+
+    _, graph_step = graph_calls(OrtGraphs(Path(args.entry)), batch=1, beams=4, src_len=14, past_len=8)
+    calls = 400
 
     def graph_loop() -> None:
         for _ in range(calls):
-            graph.run(None, inputs)
+            graph_step()
 
     def graph_two_threads() -> None:
         threads = [threading.Thread(target=graph_loop) for _ in range(2)]
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["engine, 2 processes"].append(n / timed(in_processes))
         rows["decoder graph, 1 thread (calls/s)"].append(calls / timed(graph_loop))
         rows["decoder graph, 2 threads (calls/s)"].append(2 * calls / timed(graph_two_threads))
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for parent in pipes:
         parent.send("stop")
     for proc in procs:

@@ -1,10 +1,12 @@
 """Latency of entries' graphs under ONNX Runtime: `python -m export.measure ENTRY [ENTRY ...]`.
 
 Measures what graph optimisation and variants buy: wall time of one encoder call and one decoder
-step at a serving-like shape (16 sentences x beam 5 = 80 rows, source 20 tokens, 15 cached target
-positions) for every (entry, ORT optimisation level) pair. Calls are interleaved round-robin
-across the pairs so that load from other processes on a shared machine hits them all alike; the
-median and minimum wall time are reported, and the median CPU time of the calling thread
+step at a serving-like shape (by default 16 sentences x beam 5 = 80 rows, source 20 tokens, 15
+cached target positions; `--batch/--beams/--src-len/--past-len`) for every (entry, ORT
+optimisation level) pair, and the decoder's node count after that level's optimisations. Calls
+are interleaved round-robin across the pairs so that load from other processes on a shared
+machine hits them all alike; the median and minimum wall time are reported, and the median CPU
+time of the calling thread
 (`*_cpu_ms`): with one intra-op thread ONNX Runtime computes on the caller's thread, so that
 figure ignores time spent preempted, and is the one to compare on a busy machine.
 Not part of the tests.
@@ -15,16 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-from export.ort_graphs import OrtGraphs
+from export.manifest import DECODER_FILE
+from export.ort_graphs import OrtGraphs, session_options
 
 
-def _calls(g: OrtGraphs, batch: int, beams: int, src_len: int, past_len: int) -> tuple[Callable[[], object], ...]:
+def optimized_decoder_nodes(entry: Path, level: str) -> int:
+    """Nodes of the entry's decoder graph after ONNX Runtime's optimisations at `level` (CPU)."""
+    with tempfile.TemporaryDirectory(prefix="rosetta-measure-") as tmp:
+        so = session_options(1, level)
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(Path(entry) / DECODER_FILE), so, providers=["CPUExecutionProvider"])
+        return len(onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def graph_calls(g: OrtGraphs, batch: int, beams: int, src_len: int, past_len: int) -> tuple[Callable[[], object], ...]:
     """(encoder call, decoder step call) on fixed random inputs."""
     vocab = int(g.manifest["model_config"]["vocab_size"])
     rng = np.random.default_rng(0)
@@ -48,7 +63,7 @@ def measure(entries: list[Path], levels: list[str], threads: int = 1, repeats: i
             t0 = time.perf_counter()
             g = OrtGraphs(entry, threads=threads, optimization=level)
             loads.append((time.perf_counter() - t0) * 1e3)
-            pairs.append((entry, level, _calls(g, batch, beams, src_len, past_len)))
+            pairs.append((entry, level, graph_calls(g, batch, beams, src_len, past_len)))
     # per pair: encoder wall, encoder thread-CPU, decoder wall, decoder thread-CPU (ms)
     times: list[tuple[list[float], ...]] = [([], [], [], []) for _ in pairs]
     for _ in range(repeats):
@@ -62,6 +77,7 @@ def measure(entries: list[Path], levels: list[str], threads: int = 1, repeats: i
     for (entry, level, _), load, (enc_t, enc_c, dec_t, dec_c) in zip(pairs, loads, times, strict=True):
         out.append({
             "entry": str(entry), "ort_level": level, "threads": threads, "load_ms": round(load, 1),
+            "rows": batch * beams, "decoder_nodes": optimized_decoder_nodes(entry, level),
             "encoder_median_ms": round(statistics.median(enc_t), 3), "encoder_min_ms": round(min(enc_t), 3),
             "encoder_cpu_ms": round(statistics.median(enc_c), 3),
             "decoder_step_median_ms": round(statistics.median(dec_t), 3),
@@ -76,8 +92,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--levels", default="none,all", help="ORT graph optimisation levels: none,basic,extended,all")
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=16, help="sentences")
+    parser.add_argument("--beams", type=int, default=5, help="rows per sentence")
+    parser.add_argument("--src-len", type=int, default=20)
+    parser.add_argument("--past-len", type=int, default=15)
     args = parser.parse_args()
-    for row in measure(args.entries, args.levels.split(","), args.threads, args.repeats):
+    for row in measure(args.entries, args.levels.split(","), args.threads, args.repeats, args.batch, args.beams,
+                       args.src_len, args.past_len):
         print(json.dumps(row))
 
 

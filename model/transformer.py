@@ -161,38 +161,28 @@ class DecoderLayer(nn.Module):
         self.sub2 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.sub3 = SublayerConnection(cfg.d_model, cfg.dropout, cfg.norm_first)
 
-    def forward(
-        self, x: Tensor, cross: KV, src_mask: Tensor, self_mask: Tensor | None, past: KV | None
-    ) -> tuple[Tensor, KV]:
-        """One decoder layer.
+    def forward(self, x: Tensor, cross: KV, src_mask: Tensor, self_mask: Tensor) -> Tensor:
+        """One decoder layer over whole target sequences (training, scoring): x (B, T, D) -> (B, T, D).
 
-        x (R, Tq, D) with the new positions; past self-attention K/V (R, H, Tp, Dh) or None;
-        self_mask bool broadcastable to (R, H, Tq, Tp+Tq) or None (no future key present).
-        cross K/V are (B, H, S, Dh) with R = B*K: the K rows of a sentence are consecutive and
-        are attended as K extra query positions of that sentence, so cross K/V are never copied
-        per beam. src_mask (B, 1, 1, S). Returns (x, present self K/V (R, H, Tp+Tq, Dh)).
+        self_mask bool broadcastable to (B, H, T, T) (causal); cross K/V (B, H, S, Dh); src_mask
+        (B, 1, 1, S). Incremental decoding, one new position per row with a cache, is `step`.
         """
         h = self.sub1.inner(x)
         k, v = self.self_attn.project_kv(h)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         x = self.sub1.outer(x, self.self_attn.attend(h, k, v, self_mask))
-
-        r, tq, d = x.shape
-        b = cross[0].size(0)
-        h = self.sub2.inner(x).reshape(b, -1, d)  # (B, K*Tq, D)
-        y = self.cross_attn.attend(h, cross[0], cross[1], src_mask).reshape(r, tq, d)
-        x = self.sub2.outer(x, y)
-        return self.sub3.outer(x, self.ff(self.sub3.inner(x))), (k, v)
+        x = self.sub2.outer(x, self.cross_attn.attend(self.sub2.inner(x), cross[0], cross[1], src_mask))
+        return self.sub3.outer(x, self.ff(self.sub3.inner(x)))
 
     def step(self, x: Tensor, cross: KV, src_mask: Tensor, past: KV) -> tuple[Tensor, KV]:
         """`forward` for one new position per row, kept 2-D: x (R, D) -> (R, D).
 
-        The same arithmetic as forward(x[:, None], ...), written for the one-step decoder graph:
-        activations stay (R, D) so every projection is a plain 2-D GEMM with its bias fused, and
-        q/k/v are one GEMM. past K/V (R, H, Tp, Dh) already gathered by cache_index; cross K/V
-        (B, H, S, Dh) with R = B*K consecutive rows; src_mask (B, 1, 1, S). Returns (x, present
-        self K/V (R, H, Tp+1, Dh)).
+        The arithmetic of `forward` at the last position of the prefix (the tests hold the two to
+        1e-5), written for the one-step decoder graph: activations stay (R, D) so every projection
+        is a plain 2-D GEMM with its bias fused, and q/k/v are one GEMM. past K/V (R, H, Tp, Dh)
+        already gathered by cache_index; src_mask (B, 1, 1, S). Cross K/V are (B, H, S, Dh) with
+        R = B*K: the K rows of a sentence are consecutive and are attended as K query positions of
+        that sentence, so cross K/V are never copied per beam. Returns (x, present self K/V
+        (R, H, Tp+1, Dh)).
         """
         r, d = x.shape
         attn = self.self_attn
@@ -297,7 +287,7 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tgt_in, torch.arange(t, device=tgt_in.device))
         causal = subsequent_mask(t, tgt_in.device)[None, None]  # (1, 1, T, T)
         for layer, kv in zip(self.decoder_layers, cross, strict=True):
-            x, _ = layer(x, kv, src_mask, causal, None)
+            x = layer(x, kv, src_mask, causal)
         return self.logits(self.decoder_norm(x))
 
     # -- one step (incremental decoding) ----------------------------------------------------

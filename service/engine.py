@@ -64,8 +64,8 @@ class EngineConfig:
     max_batch_sentences: int = 64  # sentences per internal batch of translate_batch
     parallel_batches: int = 0  # internal batches translate_batch decodes at once; 0: cores / intra-op threads
     # translate_batch on CPU: decode the internal batches in this many worker processes, one engine
-    # each, instead of threads of this process (0: threads). No shared GIL: 1.26x at batch 1 on two
-    # cores (benchmarks/README.md); costs one model copy and ~1 s of start-up per process.
+    # each, instead of threads of this process (0: threads). No shared GIL: ~1.25x at batch 1 on two
+    # cores in most runs (benchmarks/README.md); costs one model copy and ~1 s of start-up per process.
     worker_processes: int = 0
 
     def __post_init__(self) -> None:
@@ -226,19 +226,9 @@ class Engine:
 
         processes = self._process_pool() if len(batches) > 1 else None
         if processes is not None:
-            # Longest first, a few tasks per process: one task per batch costs an IPC round trip
-            # per sentence at batch 1.
-            order = list(reversed(batches))
-            per_task = max(1, len(order) // (4 * self.config.worker_processes))
-            pending = {}
             try:
-                for k in range(0, len(order), per_task):
-                    group = order[k: k + per_task]
-                    task = processes.submit(_process_translate, [[ids[i] for i in idx] for idx in group], options)
-                    pending[task] = group
-                for done in as_completed(pending):
-                    for idx, batch in zip(pending[done], done.result(), strict=True):
-                        self._place(results, idx, batch, progress)
+                for idx, batch in self._in_processes(processes, ids, batches, options):
+                    self._place(results, idx, batch, progress)
             except BrokenProcessPool as err:  # a worker died (killed, out of memory): fresh ones next call
                 self.close()
                 raise RuntimeError(f"an engine worker process died: {err}") from err
@@ -267,6 +257,17 @@ class Engine:
         src, max_lens = self.pad_sources(sources, options)
         search = make_search(max_lens, options, self.special_ids, self.vocab_size)
         return [self._detokenize(r) for r in run_search(self.runtime, src, search, observer)]
+
+    def _in_processes(self, processes: ProcessPoolExecutor, ids: list[list[int]], batches: list[list[int]],
+                      options: DecodingOptions) -> Iterator[tuple[list[int], list[TranslationResult]]]:
+        """(batch indices, results) of every batch as the worker processes finish them. Longest first,
+        a few batches per task: one task per batch would cost an IPC round trip per sentence at batch 1."""
+        order = list(reversed(batches))
+        per_task = max(1, len(order) // (4 * self.config.worker_processes))
+        pending = {processes.submit(_process_translate, [[ids[i] for i in idx] for idx in group], options): group
+                   for group in (order[k: k + per_task] for k in range(0, len(order), per_task))}
+        for done in as_completed(pending):
+            yield from zip(pending[done], done.result(), strict=True)
 
     def close(self) -> None:
         """Stop the worker processes, if any (they also stop when the interpreter exits)."""
@@ -319,7 +320,6 @@ class Engine:
             results[i] = r
         if progress is not None:
             progress(len(idx))
-
 
 
 # -- worker processes (EngineConfig.worker_processes) ------------------------------------------------

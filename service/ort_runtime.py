@@ -21,7 +21,7 @@ usable GPU. Shapes: B sentences, S source length, R rows, H heads, Dh head dim, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,8 +68,7 @@ class DecoderState:
     cross: list[Any]  # per layer cross_k, cross_v (B, H, S, Dh) of the live sentences: numpy on CPU, OrtValue else
     src_mask: np.ndarray  # (B, S) bool, True at real source tokens; host side, small
     past: list[ort.OrtValue] | None = None  # per layer past_k, past_v: (R, H, T, Dh); None before step 0
-    steps: int = field(default=0)
-    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask and outputs stay bound
+    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask and top-k stay bound
     topk: int = 0  # the top-k width bound now
 
 
@@ -182,7 +181,6 @@ class OrtModel:
         outputs = binding.get_outputs()
         log_probs = outputs[0]
         state.past = outputs[3:]
-        state.steps += 1
         eos = self.eos_id
         return StepScores(outputs[1].numpy(), outputs[2].numpy(), lambda: log_probs.numpy()[:, eos])
 

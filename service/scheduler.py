@@ -205,9 +205,8 @@ class Scheduler:
                 fut.cancel()
         if removed:
             self._queued -= removed
-            reason = "deadline" if ticket.deadline is not None and time.monotonic() >= ticket.deadline else "cancelled"
             if self._observer is not None:
-                self._observer.on_dropped(reason, removed)
+                self._observer.on_dropped(_drop_reason(ticket, time.monotonic()), removed)
             self._report_queue()
             if self._changed is not None:
                 self._changed.set()
@@ -220,11 +219,11 @@ class Scheduler:
         for options, group in list(self._groups.items()):
             keep: list[_Item] = []
             for it in group:
-                expired = it.ticket.deadline is not None and now >= it.ticket.deadline
+                reason = _drop_reason(it.ticket, now)
                 if it.future.done():
-                    dropped["deadline" if expired else "cancelled"] += 1
+                    dropped[reason] += 1
                     continue
-                if expired:
+                if reason == "deadline":
                     it.future.set_exception(DeadlineExceeded("deadline passed while the sentence was queued"))
                     dropped["deadline"] += 1
                     continue
@@ -348,3 +347,8 @@ class Scheduler:
             self._free.append(runner)
             if self._changed is not None:
                 self._changed.set()
+
+
+def _drop_reason(ticket: Ticket, now: float) -> str:
+    """Why a queued sentence of `ticket` leaves unrun: "deadline" once it passed, else "cancelled"."""
+    return "deadline" if ticket.deadline is not None and now >= ticket.deadline else "cancelled"
