@@ -40,13 +40,13 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine_entry import ModelEntry, ModelEntryError, read_entry
-from service.engine_search import Search, SpecialIds, StepRequest, StepScores, make_search
+from service.engine_search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
 from service.options import DecodingOptions, TranslationResult
 from service.ort_runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
 from service.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineConfig", "EngineObserver", "ModelEntryError", "ProviderUnavailable", "StepModel",
-           "batches_by_length", "run_search"]
+__all__ = ["ABANDONED", "Abandoned", "Engine", "EngineConfig", "EngineObserver", "ModelEntryError",
+           "ProviderUnavailable", "StepModel", "batches_by_length", "run_search"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class EngineConfig:
     # each, instead of threads of this process (0: threads). No shared GIL: ~1.25x at batch 1 on two
     # cores in most runs (benchmarks/README.md); costs one model copy and ~1 s of start-up per process.
     worker_processes: int = 0
+    # onnxruntime's CPU memory arena: fast reuse, but it never gives back the peak of the largest batch
+    # seen. The server turns it off (ServerConfig.cpu_memory_arena) so memory returns after a big batch.
+    cpu_memory_arena: bool = True
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDER_CHOICES:
@@ -102,7 +105,8 @@ def cpu_threading(config: EngineConfig, cores: int) -> tuple[SessionSettings, in
     """
     intra = config.intra_op_threads or 1
     parallel = config.parallel_batches or max(1, cores // intra)
-    return SessionSettings(intra, config.inter_op_threads, allow_spinning=False), parallel
+    return SessionSettings(intra, config.inter_op_threads, allow_spinning=False,
+                           cpu_memory_arena=config.cpu_memory_arena), parallel
 
 
 @contextlib.contextmanager
@@ -140,11 +144,21 @@ class StepModel(Protocol):
     def step(self, state: Any, request: StepRequest) -> StepScores: ...
 
 
+Abandoned = Callable[[], "np.ndarray | None"]
+"""Asked between two decoder steps: a (B,) bool array over the batch's sentences, True for those nobody
+waits for any more (cancelled, past their deadline, server stopping), or None when all are still wanted.
+Called on the decoding thread; it must be cheap (it runs once per step)."""
+
+
 def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
-               observer: EngineObserver | None = None) -> list[TranslationResult]:
+               observer: EngineObserver | None = None, abandoned: Abandoned | None = None) -> list[TranslationResult]:
     """One batch: encode once, then one decoder step per generated token until the search is done.
 
-    src_ids (B, S) int64 padded; returns the search's results, one per sentence, in order."""
+    src_ids (B, S) int64 padded; returns the search's results, one per sentence, in order. Sentences that
+    `abandoned` reports leave the batch before the next step, like finished ones; their result has no
+    hypotheses and finish reason "abandoned"."""
+    if abandoned is not None and (gone := abandoned()) is not None and gone.all():
+        return [TranslationResult([], ABANDONED) for _ in range(src_ids.shape[0])]
     started = time.perf_counter()
     state = model.encode(src_ids)
     if observer is not None:
@@ -156,6 +170,8 @@ def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
         if observer is not None:
             observer.on_decoder_step(time.perf_counter() - started, int(request.input_ids.shape[0]))
         request = search.advance(scores)
+        if request is not None and abandoned is not None and (gone := abandoned()) is not None:
+            request = search.drop(request, gone)
     return search.results()
 
 
@@ -244,19 +260,35 @@ class Engine:
         return [r for r in results if r is not None]
 
     def translate_ids(self, sources: Sequence[Sequence[int]], options: DecodingOptions,
-                      observer: EngineObserver | None = None) -> list[TranslationResult]:
+                      observer: EngineObserver | None = None,
+                      abandoned: Abandoned | None = None) -> list[TranslationResult]:
         """Decode `sources` (token ids WITHOUT eos; the engine appends it) as ONE batch.
 
         One result per source, in order; hypotheses carry tokens, score, log_prob and text. An empty
-        source decodes from eos alone. Raises ValueError for an id outside the vocabulary or a source
-        longer than max_source_tokens. Safe to call from several threads at once.
+        source decodes from eos alone. Sentences `abandoned` reports leave at the next step (no
+        hypotheses, finish reason "abandoned"). Raises ValueError for an id outside the vocabulary or
+        a source longer than max_source_tokens. Safe to call from several threads at once.
         """
         if not sources:
             return []
         self._check_lengths(sources)
         src, max_lens = self.pad_sources(sources, options)
         search = make_search(max_lens, options, self.special_ids, self.vocab_size)
-        return [self._detokenize(r) for r in run_search(self.runtime, src, search, observer)]
+        return [self._detokenize(r) for r in run_search(self.runtime, src, search, observer, abandoned)]
+
+    # -- cost of a request (ServerConfig bounds it before queueing) ------------------------------------
+
+    def length_caps(self, source_lengths: Sequence[int], options: DecodingOptions) -> list[int]:
+        """Generated-token cap (eos included) of each source of `source_lengths` tokens (eos excluded)."""
+        return [min(options.max_length_for(n + 1), self.max_target_tokens) for n in source_lengths]
+
+    def kv_bytes(self, source_tokens: int, beam_size: int, length_cap: int) -> int:
+        """Upper bound of the K/V one sentence holds in a batch: self-attention K and V of its beam_size
+        rows up to its length cap, plus its cross-attention K and V (eos included), in every decoder layer.
+        A batch holds at most the sum over its sentences (finished ones leave it)."""
+        cfg = self.entry.config
+        per_token = 2 * cfg.decoder_layers * cfg.d_model * (2 if self.entry.float_dtype == "float16" else 4)
+        return per_token * (beam_size * length_cap + source_tokens + 1)
 
     def _in_processes(self, processes: ProcessPoolExecutor, ids: list[list[int]], batches: list[list[int]],
                       options: DecodingOptions) -> Iterator[tuple[list[int], list[TranslationResult]]]:
@@ -306,8 +338,7 @@ class Engine:
         if src.size and (src.min() < 0 or src.max() >= self.vocab_size):
             bad = next(i for i, s in enumerate(sources) if any(not 0 <= t < self.vocab_size for t in s))
             raise ValueError(f"source {bad} has a token id outside the vocabulary [0, {self.vocab_size})")
-        max_lens = [min(options.max_length_for(len(s) + 1), self.max_target_tokens) for s in sources]
-        return src, max_lens
+        return src, self.length_caps([len(s) for s in sources], options)
 
     def _detokenize(self, result: TranslationResult) -> TranslationResult:
         hyps = [dataclasses.replace(h, text=self.tokenizer.decode(h.tokens)) for h in result.hypotheses]

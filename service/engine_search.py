@@ -78,7 +78,22 @@ class Search(Protocol):
 
     def advance(self, scores: StepScores) -> StepRequest | None: ...
 
+    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None: ...
+
     def results(self) -> list[TranslationResult]: ...
+
+
+ABANDONED = "abandoned"
+"""finish_reason of a sentence that `Search.drop` removed (its caller is gone): no hypotheses."""
+
+
+def _without(request: StepRequest, keep_sentences: np.ndarray, rows: np.ndarray, prev_live: int) -> StepRequest:
+    """`request` restricted to the live sentences at positions `keep_sentences` (their rows: `rows`).
+
+    `prev_live` is the number of sentences the previous step ran: `request.sentences` indexes those."""
+    before = np.arange(prev_live) if request.sentences is None else request.sentences
+    return StepRequest(request.step, request.input_ids[rows], request.cache_index[rows], before[keep_sentences],
+                       request.topk)
 
 
 def masked_candidates(
@@ -156,6 +171,21 @@ class GreedySearch:
         self.alive = self.alive[keep_a]
         return StepRequest(self._step, best[keep_a].reshape(-1, 1), keep_a, keep_a if changed else None, self.topk)
 
+    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None:
+        """`request` (the last one `advance` returned) without the live sentences whose original index is
+        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED). None when none is left."""
+        lost = gone[self.alive]  # (R,) one row per sentence
+        if not lost.any():
+            return request
+        for orig in self.alive[lost].tolist():
+            self._results[orig] = TranslationResult([], ABANDONED)
+        prev_live = self.alive.size if request.sentences is None else -1
+        keep = np.flatnonzero(~lost)
+        self.alive = self.alive[keep]
+        if keep.size == 0:
+            return None
+        return _without(request, keep, keep, prev_live)
+
     def results(self) -> list[TranslationResult]:
         return [r if r is not None else TranslationResult([], "length") for r in self._results]
 
@@ -185,6 +215,7 @@ class BeamSearch:
         self._step = 0
         self._first_k = (np.arange(2 * self.k) < self.k)[None, :]  # (1, 2K) ranks where eos may finish
         self._beam_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._abandoned: set[int] = set()  # original indices removed by drop()
 
     def start(self) -> StepRequest:
         b = self.alive.size
@@ -249,6 +280,23 @@ class BeamSearch:
         self.history = np.concatenate([self.history[cache_index], tokens_in], axis=1)
         return StepRequest(length, tokens_in, cache_index, sentences, self.topk)
 
+    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None:
+        """`request` (the last one `advance` returned) without the live sentences whose original index is
+        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED). None when none is left."""
+        lost = gone[self.alive]  # (B',)
+        if not lost.any():
+            return request
+        for orig in self.alive[lost].tolist():
+            self.finished[orig] = []
+            self._abandoned.add(orig)
+        prev_live = self.alive.size if request.sentences is None else -1
+        keep = np.flatnonzero(~lost)
+        rows = (keep[:, None] * self.k + np.arange(self.k)[None, :]).reshape(-1)  # K rows per sentence
+        self.alive, self.scores, self.history = self.alive[keep], self.scores[keep], self.history[rows]
+        if keep.size == 0:
+            return None
+        return _without(request, keep, rows, prev_live)
+
     def _beam_of_column(self, per: int, kk: int) -> np.ndarray:
         key = (per, kk)
         if key not in self._beam_cache:
@@ -256,7 +304,8 @@ class BeamSearch:
         return self._beam_cache[key]
 
     def results(self) -> list[TranslationResult]:
-        return [_result(f, self.options) for f in self.finished]
+        return [TranslationResult([], ABANDONED) if i in self._abandoned else _result(f, self.options)
+                for i, f in enumerate(self.finished)]
 
 
 def _sentence_done(finished: list[_Finished], best_live: float, length: int, k: int,

@@ -43,11 +43,14 @@ class ProviderUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """Threading of one session (see benchmarks/README.md for how the CPU values were chosen)."""
+    """Threading and memory of one session (see benchmarks/README.md for how the CPU values were chosen)."""
 
     intra_op_threads: int  # threads inside one operator; 1: runs on the calling thread only
     inter_op_threads: int  # threads across independent operators (sequential mode ignores it)
     allow_spinning: bool = False  # busy-wait intra-op threads between operators
+    # onnxruntime's CPU arena keeps the peak of every batch for the life of the process; without it
+    # tensors go back to malloc when freed (see EngineConfig.cpu_memory_arena)
+    cpu_memory_arena: bool = True
 
 
 def session_options(settings: SessionSettings) -> ort.SessionOptions:
@@ -57,6 +60,7 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: the CUDA probe's expected failure stays quiet
+    so.enable_cpu_mem_arena = settings.cpu_memory_arena
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     return so
 

@@ -13,15 +13,21 @@ Batching rules
   longest, eos included); it is formed when it is full or when its oldest sentence has waited `max_wait_ms`.
 - Every batch contains the oldest queued sentence of its options group (no starvation); the rest are the
   queued sentences closest to it in length, and the batch is sorted by length, which keeps padding low.
+- A batch is also capped by `max_batch_kv_bytes`, the sum of its sentences' KV-cache bounds (`submit`'s
+  `kv_bytes`), so the memory of a running batch is bounded whatever its requests ask for.
 - The queue is bounded by `max_queue_sentences`: a submit that does not fit raises QueueFull at once.
 - Sentences whose deadline passed are dropped before compute (DeadlineExceeded); a cancelled ticket's
-  queued sentences are removed at once. Sentences already in a running batch finish and are discarded.
+  queued sentences are removed at once. A running batch asks, between two decoder steps, which of its
+  sentences nobody waits for any more (call cancelled, deadline passed, scheduler closing): those leave
+  the batch at once, so the runners serve the callers still waiting.
 - A runner that raises fails only the sentences of that batch (EngineFailure); the scheduler keeps going.
+- `close()` fails the queue (Unavailable) and makes running batches stop at their next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -30,15 +36,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+import numpy as np
+
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-BatchRunner = Callable[[list[list[int]], DecodingOptions], Sequence[R]]
-"""Runs one batch: sources (token ids without eos, sorted by length) -> one result per source, in order.
+Abandoned = Callable[[], "np.ndarray | None"]
+BatchRunner = Callable[[list[list[int]], DecodingOptions, Abandoned], Sequence["R | None"]]
+"""Runs one batch: (sources (token ids without eos, sorted by length), options, abandoned) -> one result
+per source, in order; None for a source it stopped because `abandoned()` (a (B,) bool array, or None
+when every source is still wanted; cheap, meant to be asked between decoder steps) reported it.
 Called on an executor thread; each runner runs one batch at a time."""
+
+DEADLINE_SLACK_S = 0.05
+"""A call that ends within this long of its deadline ended by its deadline: gRPC's own timer and ours
+read different clocks, and a cancellation that close is the deadline firing, not the client."""
 
 
 class SchedulerObserver(Protocol):
@@ -56,10 +71,12 @@ class SchedulerConfig:
     max_batch_tokens: int = 4096  # padded source tokens per batch, eos included
     max_wait_ms: float = 5.0  # longest wait of the oldest sentence for a fuller batch
     max_queue_sentences: int = 2048  # queued (not yet running) sentences; beyond it QueueFull
+    max_batch_kv_bytes: int = 1 << 62  # sum of the sentences' kv_bytes per batch (submit); a lone one may exceed it
 
     def __post_init__(self) -> None:
-        if self.max_batch_sentences < 1 or self.max_batch_tokens < 1 or self.max_queue_sentences < 1:
-            raise ValueError("max_batch_sentences, max_batch_tokens and max_queue_sentences must be >= 1")
+        if min(self.max_batch_sentences, self.max_batch_tokens, self.max_queue_sentences, self.max_batch_kv_bytes) < 1:
+            raise ValueError("max_batch_sentences, max_batch_tokens, max_queue_sentences and max_batch_kv_bytes "
+                             "must be >= 1")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
@@ -82,6 +99,7 @@ class _Item:
     enqueued_at: float
     future: asyncio.Future[SentenceOutput]  # type: ignore[type-arg]
     seq: int
+    kv_bytes: int = 0  # the KV-cache bound of this sentence (counted against max_batch_kv_bytes)
 
     @property
     def tokens(self) -> int:
@@ -122,6 +140,7 @@ class Scheduler:
         self._changed: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"engine-{name}")
+        self._watches: set[_BatchWatch] = set()  # one per running batch
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------------------
@@ -140,8 +159,10 @@ class Scheduler:
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"scheduler-{self.name}")
         self._report_queue()
 
-    def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None) -> Ticket:
-        """Queue `sources` (token ids without eos) for decoding with `options`.
+    def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None,
+               kv_bytes: Sequence[int] | None = None) -> Ticket:
+        """Queue `sources` (token ids without eos) for decoding with `options`; `kv_bytes[i]` bounds the
+        KV cache of sources[i] (batches are capped by their sum; default 0).
 
         Raises QueueFull (nothing queued) when they do not fit, Unavailable after close(), and
         DeadlineExceeded when `deadline` (time.monotonic()) has already passed."""
@@ -157,18 +178,23 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         ticket = Ticket([], deadline, self)
         group = self._groups.setdefault(options, [])
-        for ids in sources:
+        costs = kv_bytes if kv_bytes is not None else [0] * len(sources)
+        for ids, cost in zip(sources, costs, strict=True):
             fut: asyncio.Future[SentenceOutput] = loop.create_future()  # type: ignore[type-arg]
             ticket.futures.append(fut)
-            group.append(_Item(list(ids), options, ticket, now, fut, next(self._seq)))
+            group.append(_Item(list(ids), options, ticket, now, fut, next(self._seq), int(cost)))
         self._queued += len(sources)
         self._report_queue()
         self._changed.set()
         return ticket
 
-    async def close(self) -> None:
-        """Fail every queued sentence (Unavailable), wait for running batches, stop the executor."""
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Fail every queued sentence (Unavailable), stop running batches at their next decoder step and
+        wait for them (at most `timeout_s`: a runner that ignores `abandoned` is left behind), stop the
+        executor."""
         self._closed = True
+        for watch in self._watches:
+            watch.abort()
         for group in self._groups.values():
             for item in group:
                 if not item.future.done():
@@ -180,7 +206,10 @@ class Scheduler:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            _, late = await asyncio.wait(set(self._running), timeout=timeout_s)
+            if late:
+                log.error("%d batch(es) of %s still running %.1fs after close; leaving them", len(late),
+                          self.name, timeout_s)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -215,17 +244,16 @@ class Scheduler:
     def _drop_expired(self, now: float) -> None:
         """Fail queued sentences whose deadline passed, and remove those whose future is already done
         (its call was cancelled before `Ticket.cancel` ran); both count as dropped, once."""
-        dropped = {"deadline": 0, "cancelled": 0}
+        dropped = {DEADLINE: 0, CANCELLED: 0}
         for options, group in list(self._groups.items()):
             keep: list[_Item] = []
             for it in group:
-                reason = _drop_reason(it.ticket, now)
                 if it.future.done():
-                    dropped[reason] += 1
+                    dropped[_drop_reason(it.ticket, now)] += 1
                     continue
-                if reason == "deadline":
+                if it.ticket.deadline is not None and now >= it.ticket.deadline:
                     it.future.set_exception(DeadlineExceeded("deadline passed while the sentence was queued"))
-                    dropped["deadline"] += 1
+                    dropped[DEADLINE] += 1
                     continue
                 keep.append(it)
             self._queued -= len(group) - len(keep)
@@ -241,6 +269,8 @@ class Scheduler:
 
     def _is_full(self, group: list[_Item]) -> bool:
         if len(group) >= self.config.max_batch_sentences:
+            return True
+        if sum(it.kv_bytes for it in group) >= self.config.max_batch_kv_bytes:
             return True
         longest = max(it.tokens for it in group)
         return len(group) * longest >= self.config.max_batch_tokens
@@ -271,6 +301,7 @@ class Scheduler:
         pos = by_len.index(oldest)
         lo, hi = pos, pos + 1  # the window by_len[lo:hi]
         longest = oldest.tokens
+        kv = oldest.kv_bytes
         cfg = self.config
         while hi - lo < cfg.max_batch_sentences:
             candidates = []  # (distance in length from the oldest, side, item); the left side first on ties
@@ -279,8 +310,10 @@ class Scheduler:
             if hi < len(by_len):
                 candidates.append((len(by_len[hi].ids) - len(oldest.ids), 1, by_len[hi]))
             for _, side, cand in sorted(candidates, key=lambda c: (c[0], c[1])):
-                if (hi - lo + 1) * max(longest, cand.tokens) <= cfg.max_batch_tokens:
+                if ((hi - lo + 1) * max(longest, cand.tokens) <= cfg.max_batch_tokens
+                        and kv + cand.kv_bytes <= cfg.max_batch_kv_bytes):
                     longest = max(longest, cand.tokens)
+                    kv += cand.kv_bytes
                     lo, hi = (lo - 1, hi) if side == 0 else (lo, hi + 1)
                     break
             else:
@@ -328,8 +361,10 @@ class Scheduler:
                     self._observer.on_queue_wait(start - it.enqueued_at)
                 self._observer.on_batch(len(batch), sum(it.tokens for it in batch), len(batch) * batch[-1].tokens)
             loop = asyncio.get_running_loop()
+            watch = _BatchWatch(batch)
+            self._watches.add(watch)
             try:
-                results = await loop.run_in_executor(self._executor, runner, sources, options)
+                results = await loop.run_in_executor(self._executor, runner, sources, options, watch.gone)
                 if len(results) != len(batch):
                     raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} sources")
             except Exception as err:
@@ -339,16 +374,71 @@ class Scheduler:
                     if not it.future.done():
                         it.future.set_exception(failure)
                 return
+            finally:
+                self._watches.discard(watch)
             compute_s = time.monotonic() - start
+            now = time.monotonic()
+            dropped = {DEADLINE: 0, CANCELLED: 0, SHUTDOWN: 0}
             for it, result in zip(batch, results, strict=True):
-                if not it.future.done():
+                if result is None:  # the runner stopped it: the call is gone, or the server is stopping
+                    reason = SHUTDOWN if watch.aborted else _drop_reason(it.ticket, now)
+                    dropped[reason] += 1
+                    if not it.future.done():
+                        it.future.set_exception(
+                            Unavailable("the server stopped before this sentence was finished; retry")
+                            if reason == SHUTDOWN else DeadlineExceeded("deadline passed while decoding"))
+                elif not it.future.done():
                     it.future.set_result(SentenceOutput(result, start - it.enqueued_at, compute_s, len(batch)))
+            if self._observer is not None:
+                for reason, count in dropped.items():
+                    if count:
+                        self._observer.on_dropped(reason, count)
         finally:
             self._free.append(runner)
             if self._changed is not None:
                 self._changed.set()
 
 
+DEADLINE, CANCELLED, SHUTDOWN = "deadline_exceeded", "cancelled", "shutdown"  # drop reasons (metrics label)
+
+
 def _drop_reason(ticket: Ticket, now: float) -> str:
-    """Why a queued sentence of `ticket` leaves unrun: "deadline" once it passed, else "cancelled"."""
-    return "deadline" if ticket.deadline is not None and now >= ticket.deadline else "cancelled"
+    """Why a sentence of `ticket` leaves unfinished: DEADLINE once its deadline passed (give or take
+    DEADLINE_SLACK_S), else CANCELLED."""
+    expired = ticket.deadline is not None and now >= ticket.deadline - DEADLINE_SLACK_S
+    return DEADLINE if expired else CANCELLED
+
+
+class _BatchWatch:
+    """Which sentences of a running batch nobody waits for any more; read from the decoding thread.
+
+    The event loop flags a sentence when its future is done before the batch finished (the call was
+    cancelled, or its deadline made gRPC cancel it); the decoding thread also compares the deadlines
+    with the clock itself, and `abort()` (scheduler closing) stops them all."""
+
+    def __init__(self, batch: list[_Item]) -> None:
+        self.flags = np.zeros(len(batch), dtype=bool)
+        self.deadlines = np.array([it.ticket.deadline if it.ticket.deadline is not None else np.inf
+                                   for it in batch], dtype=np.float64)
+        self.first_deadline = float(self.deadlines.min())
+        self.changed = False  # a flag was set since the batch started
+        self.aborted = False
+        for i, it in enumerate(batch):
+            it.future.add_done_callback(functools.partial(self._flag, i))
+
+    def _flag(self, i: int, _future: object) -> None:
+        self.flags[i] = True
+        self.changed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def gone(self) -> np.ndarray | None:
+        """(B,) bool: True for the sentences to stop; None when every one is still wanted (the common case,
+        answered without allocating)."""
+        if self.aborted:
+            return np.ones(self.flags.size, dtype=bool)
+        now = time.monotonic()
+        if not self.changed and now < self.first_deadline:
+            return None
+        return self.flags | (self.deadlines <= now)

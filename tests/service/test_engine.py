@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.engine import Engine, EngineConfig, ModelEntryError, ProviderUnavailable, batches_by_length
@@ -389,3 +390,51 @@ def test_translate_command_reads_a_file_and_writes_one_line_per_sentence(
     assert code == 0
     want = [r.hypotheses[0].text for r in engine.translate_batch(lines, DecodingOptions(beam_size=2))]
     assert out.read_text(encoding="utf-8").split("\n")[:-1] == want
+
+
+# -- sentences nobody waits for (cancelled calls, passed deadlines) ---------------------------------------
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_abandoned_sentences_leave_at_the_next_step_and_the_rest_decode_unchanged(
+        engine: Engine, sources: list[list[int]], beam_size: int) -> None:
+    options = DecodingOptions(beam_size=beam_size, num_hypotheses=min(2, beam_size), min_decoding_length=8,
+                              max_decoding_length=30)
+    batch = sources[:6]
+    expected = engine.translate_ids(batch, options)
+    asked: list[int] = []
+    gone = np.zeros(len(batch), dtype=bool)
+    gone[[1, 4]] = True
+
+    def abandoned() -> np.ndarray | None:
+        asked.append(1)
+        # asked once before the encoder, then after every step: 1 and 4 are given up after the second step
+        return gone if len(asked) >= 3 else None
+
+    log = StepLog()
+    got = engine.translate_ids(batch, options, observer=log, abandoned=abandoned)
+    per_sentence = beam_size
+    assert log.rows[2] == log.rows[1] - 2 * per_sentence  # both left before the third step
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if gone[i]:
+            assert g.finish_reason == "abandoned" and g.hypotheses == []
+        else:
+            assert [h.tokens for h in g.hypotheses] == [h.tokens for h in e.hypotheses]
+            assert [h.score for h in g.hypotheses] == pytest.approx([h.score for h in e.hypotheses], abs=1e-6)
+            assert g.finish_reason == e.finish_reason
+
+
+def test_batch_abandoned_before_it_starts_runs_no_session(engine: Engine, sources: list[list[int]]) -> None:
+    log = StepLog()
+    got = engine.translate_ids(sources[:3], DecodingOptions(beam_size=4), observer=log,
+                               abandoned=lambda: np.ones(3, dtype=bool))
+    assert log.encoder_calls == 0 and log.rows == []
+    assert [r.finish_reason for r in got] == ["abandoned"] * 3
+
+
+def test_kv_bytes_bound_the_cache_of_a_sentence(engine: Engine) -> None:
+    cfg = engine.entry.config
+    caps = engine.length_caps([10, 300], DecodingOptions(max_decoding_length=500, max_decoding_length_ratio=0))
+    assert caps == [min(500, engine.max_target_tokens)] * 2
+    per_token = 2 * cfg.decoder_layers * cfg.d_model * 4  # fp32 K and V of every decoder layer
+    assert engine.kv_bytes(10, 4, 20) == per_token * (4 * 20 + 11)

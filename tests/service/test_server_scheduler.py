@@ -7,10 +7,12 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pytest
 
-from service.errors import DeadlineExceeded, EngineFailure, QueueFull
+from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
 from service.scheduler import Scheduler, SchedulerConfig
 
@@ -27,7 +29,8 @@ class Recorder:
         self.fail_on = fail_on
         self.lock = threading.Lock()
 
-    def __call__(self, sources: list[list[int]], options: DecodingOptions) -> Sequence[tuple[tuple[int, ...], int]]:
+    def __call__(self, sources: list[list[int]], options: DecodingOptions,
+                 abandoned: object = None) -> Sequence[tuple[tuple[int, ...], int]]:
         if self.gate is not None:
             self.gate.wait(10)
         with self.lock:
@@ -264,7 +267,7 @@ def test_runner_failure_fails_only_its_batch() -> None:
 def test_two_runners_run_batches_concurrently() -> None:
     both_running = threading.Barrier(2, timeout=5)
 
-    def runner(sources: list[list[int]], options: DecodingOptions) -> list[int]:
+    def runner(sources: list[list[int]], options: DecodingOptions, abandoned: object = None) -> list[int]:
         both_running.wait()  # passes only if two batches are in flight at once
         return [s[0] for s in sources]
 
@@ -276,3 +279,124 @@ def test_two_runners_run_batches_concurrently() -> None:
         await sched.close()
 
     run(main())
+
+
+class Stepper:
+    """A runner that decodes like the engine: `steps` steps of `step_s` each, asking `abandoned()` between
+    two steps and returning None for the sentences it reported. Records how many steps each batch ran."""
+
+    def __init__(self, steps: int = 200, step_s: float = 0.005) -> None:
+        self.steps, self.step_s = steps, step_s
+        self.ran: list[int] = []
+        self.started = threading.Event()
+
+    def __call__(self, sources: list[list[int]], options: DecodingOptions, abandoned: Any) -> list[Any]:
+        live = np.ones(len(sources), dtype=bool)
+        self.started.set()
+        step = 0
+        while step < self.steps and live.any():
+            time.sleep(self.step_s)
+            step += 1
+            gone = abandoned()
+            if gone is not None:
+                live &= ~gone
+        self.ran.append(step)
+        return [s[0] if keep else None for s, keep in zip(sources, live, strict=True)]
+
+
+def test_cancelled_call_leaves_its_running_batch_at_the_next_step() -> None:
+    stepper = Stepper()
+    counter = DropCounter()
+
+    async def main() -> None:
+        sched = Scheduler([stepper], SchedulerConfig(max_wait_ms=0), observer=counter)  # type: ignore[arg-type]
+        sched.start()
+        ticket = sched.submit([[1], [2]], BEAM4)
+        await asyncio.to_thread(stepper.started.wait, 5)
+        ticket.cancel()  # what the server does when the call's task is cancelled
+        await asyncio.sleep(0.2)
+        assert stepper.ran and stepper.ran[0] < 50  # stopped long before its 200 steps
+        after = sched.submit([[3]], BEAM4)  # the runner is free for the next caller
+        assert (await after.futures[0]).result == 3
+        await sched.close()
+
+    run(main())
+    assert counter.dropped == {"cancelled": 2}
+
+
+def test_only_the_abandoned_sentences_leave_a_running_batch() -> None:
+    stepper = Stepper(steps=40)
+    counter = DropCounter()
+
+    async def main() -> None:
+        sched = Scheduler([stepper], SchedulerConfig(max_wait_ms=5), observer=counter)  # type: ignore[arg-type]
+        sched.start()
+        kept = sched.submit([[1]], BEAM4)
+        doomed = sched.submit([[2]], BEAM4)  # same options: the same batch
+        await asyncio.to_thread(stepper.started.wait, 5)
+        doomed.cancel()
+        assert (await kept.futures[0]).result == 1
+        await sched.close()
+
+    run(main())
+    assert stepper.ran == [40]  # the kept sentence ran to its end
+    assert counter.dropped == {"cancelled": 1}
+
+
+def test_deadline_passing_mid_batch_stops_the_sentence_as_deadline_exceeded() -> None:
+    stepper = Stepper()
+    counter = DropCounter()
+
+    async def main() -> None:
+        sched = Scheduler([stepper], SchedulerConfig(max_wait_ms=0), observer=counter)  # type: ignore[arg-type]
+        sched.start()
+        ticket = sched.submit([[1]], BEAM4, deadline=time.monotonic() + 0.1)
+        with pytest.raises(DeadlineExceeded):
+            await ticket.futures[0]
+        await sched.close()
+
+    run(main())
+    assert stepper.ran[0] < 100
+    assert counter.dropped == {"deadline_exceeded": 1}
+
+
+def test_close_stops_running_batches_at_their_next_step() -> None:
+    stepper = Stepper(steps=100_000)  # ~8 minutes if nothing stopped it
+    counter = DropCounter()
+
+    async def main() -> None:
+        sched = Scheduler([stepper], SchedulerConfig(max_wait_ms=0), observer=counter)  # type: ignore[arg-type]
+        sched.start()
+        ticket = sched.submit([[1], [2]], BEAM4)
+        await asyncio.to_thread(stepper.started.wait, 5)
+        started = time.monotonic()
+        await sched.close()
+        assert time.monotonic() - started < 2.0
+        for fut in ticket.futures:
+            with pytest.raises(Unavailable):
+                await fut
+
+    run(main())
+    assert counter.dropped == {"shutdown": 2}
+
+
+def test_batches_are_capped_by_their_kv_bytes() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        sched = Scheduler([rec], SchedulerConfig(max_wait_ms=0, max_batch_kv_bytes=1000))
+        sched.start()
+        first = sched.submit([[0]], BEAM4, kv_bytes=[10])  # occupies the runner until the gate opens
+        await asyncio.sleep(0.05)
+        rest = sched.submit([[1], [2], [3], [4], [5]], BEAM4, kv_bytes=[400, 400, 400, 100, 1500])
+        gate.set()
+        await asyncio.gather(*first.futures, *rest.futures)
+        await sched.close()
+
+    run(main())
+    sizes = {tuple(s[0] for s in srcs): None for srcs, _ in rec.batches[1:]}
+    for batch in sizes:
+        cost = sum({1: 400, 2: 400, 3: 400, 4: 100, 5: 1500}[i] for i in batch)
+        assert cost <= 1000 or len(batch) == 1  # a lone sentence over the cap still runs alone
+    assert sorted(i for b in sizes for i in b) == [1, 2, 3, 4, 5]
