@@ -68,6 +68,10 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
 
     cfg = ExportConfig(**{**(config.__dict__ if config else {}), **overrides})
     checkpoint, out = Path(checkpoint), Path(out)
+    if (cfg.name and cfg.name != out.absolute().parent.name) or (cfg.version and cfg.version != out.absolute().name):
+        raise ValueError(f"export to {out}: an entry named {cfg.name or '(folder)'}/{cfg.version or '(folder)'} "
+                         "must be written to a folder .../NAME/VERSION of that name: the server refuses an entry "
+                         "whose manifest disagrees with its folder")
     out.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
