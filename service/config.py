@@ -51,10 +51,19 @@ class ServerConfig:
     """Settings of one `rosetta serve` process. Limits are enforced per request with INVALID_ARGUMENT."""
 
     # Network
-    host: str = "0.0.0.0"  # interface for both the gRPC and the metrics listener
+    host: str = "0.0.0.0"  # interface of the gRPC listener (0.0.0.0: every interface, as a pod needs)
     port: int = 50051  # gRPC port; 0 picks a free one (printed at start)
+    metrics_host: str = ""  # interface of the /metrics listener; "": the same as `host`
     metrics_port: int = 9400  # Prometheus /metrics HTTP port; 0 picks a free one; -1 disables it
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC max receive and send message size
+    # Calls gRPC core holds before the server takes them (a burst arrives faster than the event loop
+    # accepts it). Past gRPC's defaults (soft 1000, hard 3000) core answers CANCELLED, unseen by the
+    # metrics; this keeps overload answered by the scheduler (RESOURCE_EXHAUSTED, counted). ~14 KB a call.
+    max_pending_calls: int = 16384
+    # TLS for gRPC (PEM files). cert + key turn TLS on; a client CA on top requires client certificates (mTLS)
+    tls_cert_file: str = ""  # server certificate chain
+    tls_key_file: str = ""  # its private key
+    tls_client_ca_file: str = ""  # CA bundle that signs the client certificates; "": no client certificate
     # Models
     model_repository: str = "models/model_repository"  # folder of NAME/VERSION entries
     models: str = "de-en"  # comma-separated NAME or NAME/VERSION entries to load; the first is the default
@@ -68,16 +77,25 @@ class ServerConfig:
     max_sentences_per_request: int = 128  # Translate
     max_sentences_per_stream: int = 10000  # TranslateStream (fed to the queue progressively)
     max_input_tokens: int = 256  # subword tokens per source sentence
+    max_input_bytes: int = 4096  # UTF-8 bytes per source sentence, checked before tokenizing
     max_beam_size: int = 16
     max_output_tokens: int = 512  # highest max_decoding_length a request may ask for
+    # Cost bounds, checked before a request is queued (deploy/README.md sizes them against a pod's memory).
+    # A sentence's decoder rows x positions is beam_size x its length cap (max_decoding_length, the ratio
+    # cap, the model's positions); its KV-cache bytes follow from the model's layers, width and precision.
+    max_request_decode_tokens: int = 131072  # sum over a request's sentences of beam_size x length cap
+    max_batch_kv_bytes: int = 128 * 1024 * 1024  # KV cache of one engine batch; a sentence over it alone is refused
     # Lifecycle
-    drain_grace_s: float = 20.0  # after SIGTERM: time in-flight requests get to finish
+    drain_grace_s: float = 20.0  # after SIGTERM: time in-flight requests get to finish; then their work stops
     drain_delay_s: float = 0.0  # after SIGTERM: keep serving this long with health NOT_SERVING first
     warmup: bool = True  # decode a few sentences before reporting SERVING
     # ONNX Runtime
     provider: str = "auto"  # "auto" (CUDA when usable, else CPU), "cuda" or "cpu"
     intra_op_threads: int = 0  # threads per session call; 0: the engine's measured choice (1 on CPU)
     inter_op_threads: int = 1
+    # Memory: give a big batch's memory back once it is done (benchmarks/heavy_request.py measures both)
+    cpu_memory_arena: bool = False  # onnxruntime's CPU arena keeps the largest batch's peak for good
+    malloc_mmap_threshold_bytes: int = 1 << 20  # glibc: blocks this big are mmapped, returned when freed; 0: default
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -86,22 +104,32 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a TCP port (0 picks a free one), got {value}")
         positive = ("max_batch_sentences", "max_batch_tokens", "max_queue_sentences",
                     "max_sentences_per_request", "max_sentences_per_stream", "max_input_tokens",
-                    "max_beam_size", "max_output_tokens", "max_message_bytes")
+                    "max_beam_size", "max_output_tokens", "max_message_bytes", "max_input_bytes", "max_pending_calls",
+                    "max_request_decode_tokens", "max_batch_kv_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:
-            raise ValueError("intra_op_threads, inter_op_threads and workers must be >= 0")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0 or \
+                self.malloc_mmap_threshold_bytes < 0:
+            raise ValueError("intra_op_threads, inter_op_threads, workers and malloc_mmap_threshold_bytes must be >= 0")
         if self.max_sentences_per_request > self.max_queue_sentences:
             raise ValueError(f"max_sentences_per_request={self.max_sentences_per_request} exceeds "
                              f"max_queue_sentences={self.max_queue_sentences}: such a request could never run")
         if self.max_input_tokens + 1 > self.max_batch_tokens:  # +1: the engine appends eos
             raise ValueError(f"max_input_tokens={self.max_input_tokens} does not fit in "
                              f"max_batch_tokens={self.max_batch_tokens}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         self.model_specs()  # raises on a malformed list
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
     def model_specs(self) -> list[ModelSpec]:
         """The entries of `models`, in order; the first is the default model."""

@@ -32,6 +32,12 @@ class QueueFull(ServiceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class MessageTooLarge(ServiceError):
+    """The request message is larger than ServerConfig.max_message_bytes."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its sentences were computed."""
 

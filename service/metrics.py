@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server instance, on their own HTTP port at /metrics.
+"""Prometheus metrics of one server instance, on their own HTTP port at /metrics (any other path: 404).
 
 Every instance owns a `CollectorRegistry`, so several servers can live in one process (the tests start
 many). The names below are a contract with deploy/ (recording rules, alerts, Grafana dashboard):
@@ -7,11 +7,15 @@ rename none of them. Latencies are in seconds, sizes in sentences or tokens (bas
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -20,6 +24,9 @@ STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 SENTENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+METRICS_PATH = "/metrics"  # the only path the listener answers; deploy/ scrapes it
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 class ServerMetrics:
@@ -66,7 +73,8 @@ class ServerMetrics:
             "rosetta_queue_capacity_sentences", "Scheduler queue capacity (max_queue_sentences).",
             ["model"], registry=r)
         self.dropped_sentences = Counter(
-            "rosetta_dropped_sentences", "Queued sentences removed before compute (deadline passed or call cancelled).",
+            "rosetta_dropped_sentences", "Sentences removed unfinished, from the queue or from a running batch at the "
+            "next decoder step, by reason: deadline_exceeded, cancelled (the caller left), shutdown.",
             ["model", "reason"], registry=r)
         self.model_info = Gauge(
             "rosetta_model_info", "A loaded model (always 1).",
@@ -79,8 +87,17 @@ class ServerMetrics:
         return ModelMetrics(self, name)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP listener on a daemon thread; returns the bound port (port 0: a free one)."""
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP listener on a daemon thread; returns the bound port (port 0: a free one).
+
+        GET and HEAD of /metrics (query strings such as `?name[]=...` included) answer with the registry's
+        metrics; any other path answers 404. One thread per request; no access log line per request."""
+        family, addr = _address_family(host, port)
+        server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+        self._http = make_server(addr, port, metrics_only_app(make_wsgi_app(self.registry)), server_class,
+                                 handler_class=_SilentHandler)
+        self._http_thread = threading.Thread(target=self._http.serve_forever, name="rosetta-metrics-http",
+                                             daemon=True)
+        self._http_thread.start()
         return int(self._http.server_address[1])
 
     def close(self) -> None:
@@ -89,6 +106,51 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+        if self._http_thread is not None:
+            self._http_thread.join(5)
+            self._http_thread = None
+
+
+def metrics_only_app(metrics_app: WsgiApp) -> WsgiApp:
+    """Wrap prometheus_client's WSGI app (which answers every path) so only METRICS_PATH reaches it.
+
+    HEAD is answered as GET without the body (prometheus_client answers HEAD with 405)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            body = b"404 Not Found: metrics are served at " + METRICS_PATH.encode() + b"\n"
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        if environ.get("REQUEST_METHOD") == "HEAD":  # GET's status and headers, Content-Length included
+            answer: list[Any] = []
+            body = b"".join(metrics_app({**environ, "REQUEST_METHOD": "GET"},
+                                        lambda status, headers, exc_info=None: answer.extend((status, headers))))
+            headers = [(k, v) for k, v in answer[1] if k.lower() != "content-length"]
+            start_response(answer[0], [*headers, ("Content-Length", str(len(body)))])
+            return []
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    """One thread per request; the request threads do not keep the process alive."""
+
+    daemon_threads = True
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """No access log line per request (a scrape every few seconds would flood stderr)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _address_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """(family, address) to bind `host`: IPv6 hosts such as "::" need AF_INET6."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, str(sockaddr[0])
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,13 @@ class TranslatorServicer:
 
     def Translate(self, request, context):
         """Translates every sentence of the request; one result per sentence, in request order.
-        Errors: INVALID_ARGUMENT (bad input, the message names the limit), NOT_FOUND (unknown model),
-        RESOURCE_EXHAUSTED (queue full, retry with back-off), DEADLINE_EXCEEDED, UNAVAILABLE (loading or
-        draining), INTERNAL (the engine failed on the batch this request was part of).
+        Errors: INVALID_ARGUMENT (bad input or a malformed message; the message names the limit, e.g. the
+        cost bounds max_request_decode_tokens and max_batch_kv_bytes), NOT_FOUND (unknown model),
+        RESOURCE_EXHAUSTED (queue full, retry with back-off; or a message over max_message_bytes),
+        DEADLINE_EXCEEDED, UNAVAILABLE (loading or draining), INTERNAL (the engine failed on the batch this
+        request was part of). CANCELLED comes from gRPC itself, never from Rosetta: for a call the client
+        cancelled, or, past ServerConfig.max_pending_calls calls waiting inside gRPC to be accepted, for the
+        excess (gRPC core's backlog limit); such calls were not computed and may be retried.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
