@@ -8,7 +8,14 @@
         for index, result in client.translate_stream(document_lines):
             ...                            # as sentences finish, tagged with their index
 
-Failures surface as `grpc.RpcError` (`.code()`, `.details()`), the server's status unchanged.
+Over TLS (a server started with `--tls-cert-file` / `--tls-key-file`), pass `tls=ClientTLS(...)`:
+
+    TranslatorClient("rosetta.example.com:50051", tls=ClientTLS(ca_file="ca.pem"))            # TLS
+    TranslatorClient(target, tls=ClientTLS("ca.pem", cert_file="me.pem", key_file="me.key"))  # mutual TLS
+    TranslatorClient(target, tls=ClientTLS())                                                # the system's CAs
+
+Failures surface as `grpc.RpcError` (`.code()`, `.details()`), the server's status unchanged; a server that
+cannot be reached, or whose TLS handshake fails, is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.options import DecodingOptions
 from service.proto import translate_pb2 as pb
 from service.proto import translate_pb2_grpc as pb_grpc
+from service.tls import channel_credentials
 from service.wire import finish_reason_from_pb, options_to_pb
 
 DEFAULT_TARGET = "localhost:50051"
@@ -65,21 +73,42 @@ class ClientResult:
         return cls(hyps, finish_reason_from_pb(msg.finish_reason), msg.source_tokens)
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS of a client channel; a `TranslatorClient` given one connects over TLS, without one in plaintext.
+    Files are PEM, read when the channel is made (ValueError naming the file when unreadable)."""
+
+    ca_file: str = ""  # CA bundle that verifies the server's certificate; "": the system's trusted roots
+    cert_file: str = ""  # client certificate chain, for a server that requires one (mTLS); with key_file
+    key_file: str = ""  # its private key
+    server_name: str = ""  # name checked against the server's certificate; "": the host of the target
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca_file, self.cert_file, self.key_file)
+
+
 def request_pb(sentences: Sequence[str], model: str = "", options: Options = None) -> pb.TranslateRequest:
     return pb.TranslateRequest(sentences=list(sentences), model=model, options=options_to_pb(options))
 
 
 class TranslatorClient:
-    """Blocking client over one channel. `timeout_s` is the default deadline of every call."""
+    """Blocking client over one channel. `timeout_s` is the default deadline of every call; `tls` makes
+    the channel a TLS one (None: plaintext)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = 60.0,
-                 max_message_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 4 * 1024 * 1024, tls: ClientTLS | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=[
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self.channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self.stub = pb_grpc.TranslatorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -142,14 +171,15 @@ def format_result(index: int, result: ClientResult, n_best: bool, with_scores: b
 
 def translate_lines(target: str, lines: Iterable[str], out: TextIO = sys.stdout, model: str = "",
                     options: Options = None, batch_sentences: int = 64, timeout_s: float | None = 60.0,
-                    with_scores: bool = False) -> int:
-    """Translate `lines` (one sentence each) on the server at `target`, `batch_sentences` per call, and write
-    them to `out` in order (format_result; n-best lines when options ask for num_hypotheses > 1).
-    Returns the number of sentences translated. Raises grpc.RpcError on a failed call."""
+                    with_scores: bool = False, tls: ClientTLS | None = None) -> int:
+    """Translate `lines` (one sentence each) on the server at `target` (over TLS when `tls` is given),
+    `batch_sentences` per call, and write them to `out` in order (format_result; n-best lines when options
+    ask for num_hypotheses > 1). Returns the number of sentences translated. Raises grpc.RpcError on a
+    failed call."""
     given = options.__dict__ if isinstance(options, DecodingOptions) else (options or {})
     n_best = int(given.get("num_hypotheses", 1)) > 1
     done = 0
-    with TranslatorClient(target, timeout_s) as client:
+    with TranslatorClient(target, timeout_s, tls=tls) as client:
         batch: list[str] = []
 
         def flush() -> None:
@@ -173,10 +203,17 @@ def translate_lines(target: str, lines: Iterable[str], out: TextIO = sys.stdout,
 
 def translate_command(target: str, sentences: Sequence[str] = (), input_path: str = "-", output_path: str = "-",
                       options: Options = None, model: str = "", timeout_s: float | None = 60.0,
-                      batch_sentences: int = 64, with_scores: bool = False) -> int:
+                      batch_sentences: int = 64, with_scores: bool = False, tls: ClientTLS | None = None) -> int:
     """The body of `rosetta translate --server HOST:PORT`: the given sentences, else the lines of
-    `input_path` (- for stdin, .gz ok), translated on the server and written to `output_path` (- for
-    stdout). Returns the exit status: 0, or 1 after printing the failed call's gRPC status to stderr."""
+    `input_path` (- for stdin, .gz ok), translated on the server (over TLS when `tls` is given) and written
+    to `output_path` (- for stdout). Returns the exit status: 0, or 1 after printing the failed call's gRPC
+    status (or an unreadable TLS file) to stderr."""
+    if tls is not None:
+        try:
+            tls.credentials()  # an unreadable or non-PEM file fails here, before any input is read
+        except ValueError as err:
+            print(f"rosetta translate: {err}", file=sys.stderr)
+            return 1
     with contextlib.ExitStack() as stack:
         if sentences:
             lines: Iterable[str] = sentences
@@ -187,7 +224,7 @@ def translate_command(target: str, sentences: Sequence[str] = (), input_path: st
             lines = stack.enter_context(opener(input_path, "rt", encoding="utf-8"))
         out = sys.stdout if output_path == "-" else stack.enter_context(open(output_path, "w", encoding="utf-8"))
         try:
-            translate_lines(target, lines, out, model, options, batch_sentences, timeout_s, with_scores)
+            translate_lines(target, lines, out, model, options, batch_sentences, timeout_s, with_scores, tls)
         except grpc.RpcError as err:
             print(f"rosetta translate: {target}: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1

@@ -3,7 +3,8 @@
 Registered by service/cli.py after service/engine_cli.py. `rosetta translate` itself (the local engine,
 stdin -> stdout) belongs to engine_cli; this module adds `--server` (env ROSETTA_SERVER) to it and
 routes the call to the gRPC client when the option is given. Where engine_cli is absent,
-`rosetta translate` is registered here in client-only form.
+`rosetta translate` is registered here in client-only form. `--server-tls*` (env ROSETTA_SERVER_TLS*)
+make that client connect over TLS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 SERVER_ENV = "ROSETTA_SERVER"
+# --server-tls-SUFFIX -> the ClientTLS field it sets; each flag's env twin is SERVER_ENV + _TLS_<SUFFIX>
+TLS_FLAGS = {"ca-file": "ca_file", "cert-file": "cert_file", "key-file": "key_file", "server-name": "server_name"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -34,6 +37,18 @@ def _decoding_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions) if hasattr(args, f.name)}
 
 
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The ClientTLS of the --server-tls* flags, or None (plaintext). TLS is on with --server-tls, off with
+    --no-server-tls, and otherwise on when any --server-tls-* value is given; without --server-tls-ca-file
+    the server is verified against the system's roots."""
+    from service.client import ClientTLS
+
+    given = {field: getattr(args, "server_tls_" + suffix.replace("-", "_")) or ""
+             for suffix, field in TLS_FLAGS.items()}
+    on = any(given.values()) if args.server_tls is None else args.server_tls
+    return ClientTLS(**given) if on else None
+
+
 def _client_translate(args: argparse.Namespace) -> int:
     from service.client import translate_command
 
@@ -42,7 +57,7 @@ def _client_translate(args: argparse.Namespace) -> int:
                              output_path=getattr(args, "output", "-"), options=_decoding_fields(args),
                              model=args.server_model or "", timeout_s=args.server_timeout_s,
                              batch_sentences=args.server_batch_sentences,
-                             with_scores=bool(getattr(args, "with_scores", False)))
+                             with_scores=bool(getattr(args, "with_scores", False)), tls=_client_tls(args))
 
 
 def _with_server_mode(local: Callable[[argparse.Namespace], int] | None) -> Callable[[argparse.Namespace], int]:
@@ -59,6 +74,28 @@ def _with_server_mode(local: Callable[[argparse.Namespace], int] | None) -> Call
 def _add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
     if flag not in parser._option_string_actions:
         parser.add_argument(flag, **kwargs)
+
+
+def _add_tls_options(translate: argparse.ArgumentParser) -> None:
+    from service.cli import _parse_bool
+
+    env = f"{SERVER_ENV}_TLS"
+    _add_option(translate, "--server-tls", action=argparse.BooleanOptionalAction,
+                default=_parse_bool(os.environ[env]) if env in os.environ else None,
+                help="with --server: connect over TLS (verifying the server against the system's trusted CAs "
+                     "unless --server-tls-ca-file is given), or not; default: TLS when any --server-tls-* "
+                     f"option is given (env {env}=1 or 0)")
+    helps = {
+        "ca-file": "PEM CA bundle that verifies the server's certificate, instead of the system's CAs",
+        "cert-file": "PEM client certificate chain, for a server that requires one (mTLS; with the key file)",
+        "key-file": "PEM private key of --server-tls-cert-file",
+        "server-name": "name expected in the server's certificate when it differs from HOST (e.g. through "
+                       "kubectl port-forward to localhost)",
+    }
+    for suffix in TLS_FLAGS:
+        env = f"{SERVER_ENV}_TLS_{suffix.replace('-', '_').upper()}"
+        _add_option(translate, f"--server-tls-{suffix}", default=os.environ.get(env, ""),
+                    help=f"with --server: {helps[suffix]} (env {env})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -92,4 +129,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                 help="with --server: deadline of each call in seconds")
     _add_option(translate, "--server-batch-sentences", type=int, default=64,
                 help="with --server: sentences sent per call")
+    _add_tls_options(translate)
     translate.set_defaults(func=_with_server_mode(local))

@@ -109,8 +109,21 @@ def test_strict_validation_rejects_an_unknown_field(overlays: Any, kv: Any) -> N
 # ---- agreement with the server ----------------------------------------------------------------------
 
 
+HEALTHCHECK = "/opt/rosetta/healthcheck.py"  # where the Dockerfiles COPY deploy/docker/healthcheck.py
+
+
+def probe_service(probe: dict[str, Any]) -> str:
+    """The grpc.health.v1 service a probe asks for: a native gRPC probe's `service`, or the argument of the
+    image's healthcheck.py in an exec probe (the TLS form: the kubelet's gRPC probe has no TLS)."""
+    if "exec" in probe:
+        command = probe["exec"]["command"]
+        assert command[:2] == ["python", HEALTHCHECK] and len(command) == 3, command
+        return str(command[2])
+    return str(probe["grpc"].get("service", ""))
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
-def test_probes_are_grpc_on_the_server_port_and_health_services(
+def test_probes_ask_the_server_port_for_its_health_services(
         overlay: str, overlays: Any, server_defaults: Any, health_services: tuple[str, ...]) -> None:
     objects = overlays[overlay]
     config = config_from_env(server_env(objects))
@@ -118,14 +131,39 @@ def test_probes_are_grpc_on_the_server_port_and_health_services(
     c = container(objects)
     translator = [s for s in health_services if s]
     assert len(translator) == 1, health_services
+    # Plaintext: the kubelet's native gRPC probe. TLS: healthcheck.py, which dials ROSETTA_PORT over TLS.
+    handler = "exec" if config.tls else "grpc"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c[kind]
-        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{kind} must be a gRPC probe"
-        assert probe["grpc"]["port"] == config.port, kind
-        assert probe["grpc"].get("service", "") in health_services, kind
+        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {handler}, f"{kind} must be {handler}"
+        if handler == "grpc":
+            assert probe["grpc"]["port"] == config.port, kind
+        assert probe_service(probe) in health_services, kind
     # Ready (in the endpoints) and started only once the Translator itself is SERVING (models warmed up).
-    assert c["readinessProbe"]["grpc"]["service"] == translator[0]
-    assert c["startupProbe"]["grpc"]["service"] == translator[0]
+    assert probe_service(c["readinessProbe"]) == translator[0]
+    assert probe_service(c["startupProbe"]) == translator[0]
+
+
+def test_tls_overlay_mounts_the_secret_where_the_settings_point(overlays: Any) -> None:
+    objects = overlays["cpu-tls"]
+    config = config_from_env(server_env(objects))
+    assert config.tls and Path(config.tls_cert_file).name == "tls.crt" and Path(config.tls_key_file).name == "tls.key"
+    c = container(objects)
+    pod = deployment(objects)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    folder = str(Path(config.tls_cert_file).parent)
+    assert folder in mounts and mounts[folder].get("readOnly") is True
+    assert str(Path(config.tls_key_file).parent) == folder
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[folder]["name"])
+    assert volume["secret"]["secretName"]  # a kubernetes.io/tls Secret: tls.crt, tls.key (+ ca.crt)
+    assert volume["secret"].get("defaultMode", 0o644) & 0o007 == 0, "the private key must not be world-readable"
+    # The probes verify the server's certificate against a name in it (healthcheck.py's setting).
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env.get("HEALTHCHECK_TLS_SERVER_NAME")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["timeoutSeconds"] >= 5, f"{kind}: an exec probe starts a Python process"
+    for dockerfile in sorted((DEPLOY / "docker").glob("Dockerfile.*")):
+        assert f"COPY deploy/docker/healthcheck.py {HEALTHCHECK}\n" in dockerfile.read_text(), dockerfile.name
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -179,7 +217,7 @@ def test_termination_grace_outlasts_the_server_drain(overlay: str, overlays: Any
         f"drain_delay_s + drain_grace_s = {drain} by {margin}s, or SIGKILL cuts the drain short")
     # The liveness probe must not kill a draining pod: NOT_SERVING for the whole drain stays under its budget.
     live = container(objects)["livenessProbe"]
-    if live["grpc"].get("service", ""):
+    if probe_service(live):
         assert live["periodSeconds"] * live["failureThreshold"] > drain
 
 

@@ -33,7 +33,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML missing; pip install kubernete
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-OVERLAYS = {name: DEPLOY / "k8s" / "overlays" / name for name in ("cpu", "gpu")}
+OVERLAYS = {name: DEPLOY / "k8s" / "overlays" / name for name in ("cpu", "gpu", "cpu-tls")}
 RULES_FILE = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD_FILE = DEPLOY / "grafana" / "rosetta-dashboard.json"
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
