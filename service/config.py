@@ -95,7 +95,7 @@ class ServerConfig:
     inter_op_threads: int = 1
     # Memory: give a big batch's memory back once it is done (benchmarks/heavy_request.py measures both)
     cpu_memory_arena: bool = False  # onnxruntime's CPU arena keeps the largest batch's peak for good
-    malloc_mmap_threshold_bytes: int = 1 << 20  # glibc: blocks this big are mmapped, returned when freed; 0: default
+    trim_memory_when_idle: bool = True  # glibc: hand freed heap memory back to the OS when a model's work is done
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -112,9 +112,8 @@ class ServerConfig:
         for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0 or \
-                self.malloc_mmap_threshold_bytes < 0:
-            raise ValueError("intra_op_threads, inter_op_threads, workers and malloc_mmap_threshold_bytes must be >= 0")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:
+            raise ValueError("intra_op_threads, inter_op_threads and workers must be >= 0")
         if self.max_sentences_per_request > self.max_queue_sentences:
             raise ValueError(f"max_sentences_per_request={self.max_sentences_per_request} exceeds "
                              f"max_queue_sentences={self.max_queue_sentences}: such a request could never run")

@@ -125,7 +125,10 @@ class Scheduler:
     `start()` before the first submit, `await close()` at the end."""
 
     def __init__(self, runners: Sequence[BatchRunner], config: SchedulerConfig = SchedulerConfig(),
-                 observer: SchedulerObserver | None = None, name: str = "model") -> None:
+                 observer: SchedulerObserver | None = None, name: str = "model",
+                 on_idle: Callable[[], object] | None = None) -> None:
+        """`on_idle` runs on an executor thread whenever the last running batch ends with nothing queued
+        (the server hands memory back to the OS there)."""
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
         self.config = config
@@ -141,6 +144,7 @@ class Scheduler:
         self._dispatcher: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"engine-{name}")
         self._watches: set[_BatchWatch] = set()  # one per running batch
+        self._on_idle = on_idle
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------------------
@@ -395,6 +399,8 @@ class Scheduler:
                         self._observer.on_dropped(reason, count)
         finally:
             self._free.append(runner)
+            if self._on_idle is not None and len(self._free) == len(self._runners) and not self._queued:
+                asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
             if self._changed is not None:
                 self._changed.set()
 

@@ -279,7 +279,8 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
     scheduler = Scheduler(runners, SchedulerConfig(config.max_batch_sentences, config.max_batch_tokens,
                                                    config.max_wait_ms, config.max_queue_sentences,
                                                    config.max_batch_kv_bytes),
-                          observer=model_metrics, name=engine.name)
+                          observer=model_metrics, name=engine.name,
+                          on_idle=trim_memory if config.trim_memory_when_idle else None)
     manifest = dict(engine.manifest)
     metrics.model_info.labels(engine.name, engine.version, str(manifest.get("precision", "")), engine.provider,
                               str(manifest.get("source_lang", "")), str(manifest.get("target_lang", ""))).set(1)
@@ -733,14 +734,12 @@ class RosettaServer:
             await self._server.wait_for_termination()
 
 
-def set_mmap_threshold(nbytes: int) -> bool:
-    """glibc only: serve allocations of `nbytes` or more with their own mmap, unmapped when freed. Without
-    it glibc raises its threshold as big blocks are freed (up to 32 MB), and the K/V of a big batch stays
-    in the heap after the batch: measured 166 -> 417 MiB for good, against 165 -> 177 MiB with 1 MiB
-    (benchmarks/heavy_request.py). Process-wide, so set by the `serve` entry point. False where unsupported."""
+def trim_memory() -> bool:
+    """glibc only: give the heap's free memory back to the OS (malloc_trim). Freed K/V of a big batch
+    otherwise stays in glibc's heaps: two heavy calls left a server at 417 MiB for good, against 166 MiB
+    before them (benchmarks/heavy_request.py). False where unsupported."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):  # not glibc
         return False
 
@@ -748,8 +747,6 @@ def set_mmap_threshold(nbytes: int) -> bool:
 async def serve(config: ServerConfig, announce: Callable[[str], None] = print) -> int:
     """Run a server until SIGTERM or SIGINT, then drain; returns the process exit status (0 after a
     clean drain, 1 when a model fails to load). `announce` gets the human-readable lines."""
-    if config.malloc_mmap_threshold_bytes:
-        set_mmap_threshold(config.malloc_mmap_threshold_bytes)
     server = RosettaServer(config)
     try:
         endpoints = await server.start()

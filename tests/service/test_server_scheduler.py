@@ -400,3 +400,24 @@ def test_batches_are_capped_by_their_kv_bytes() -> None:
         cost = sum({1: 400, 2: 400, 3: 400, 4: 100, 5: 1500}[i] for i in batch)
         assert cost <= 1000 or len(batch) == 1  # a lone sentence over the cap still runs alone
     assert sorted(i for b in sizes for i in b) == [1, 2, 3, 4, 5]
+
+
+def test_on_idle_runs_once_the_last_batch_ends_with_nothing_queued() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+    idle: list[int] = []
+
+    async def main() -> None:
+        sched = Scheduler([rec], SchedulerConfig(max_wait_ms=0, max_batch_sentences=1),
+                          on_idle=lambda: idle.append(len(rec.batches)))
+        sched.start()
+        ticket = sched.submit([[1], [2], [3]], BEAM4)  # three batches, one after the other
+        await asyncio.sleep(0.05)
+        assert idle == []  # busy
+        gate.set()
+        await asyncio.gather(*ticket.futures)
+        await asyncio.sleep(0.05)
+        await sched.close()
+
+    run(main())
+    assert idle == [3]  # only after the third: while sentences were queued the scheduler was not idle
