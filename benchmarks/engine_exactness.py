@@ -33,7 +33,7 @@ from model.data import read_lines
 from model.decode import translate_ids as reference_translate
 from model.transformer import Transformer
 from service.engine import Engine, EngineConfig, run_search
-from service.engine_search import BeamSearch, StepRequest, StepScores, make_search, masked_candidates
+from service.engine.search import BeamSearch, StepRequest, StepScores, make_search, masked_candidates
 from service.options import DecodingOptions, TranslationResult
 
 

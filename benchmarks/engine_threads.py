@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from model.data import read_lines
 from service.engine import Engine, EngineConfig, batches_by_length, run_search
-from service.engine_entry import read_entry
-from service.engine_search import make_search
+from service.engine.entry import read_entry
+from service.engine.runtime import CPU, OrtModel, SessionSettings
+from service.engine.search import make_search
 from service.options import DecodingOptions
-from service.ort_runtime import CPU, OrtModel, SessionSettings
 
 
 def decode_all(engines: list[Engine], runtimes: list[OrtModel], batches: list[list[list[int]]],

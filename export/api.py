@@ -11,15 +11,14 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.config import ExportConfig
 from export.manifest import (
     DECODER_FILE,
     ENCODER_FILE,
     MANIFEST,
-    PRECISIONS,
     TOKENIZER_FILE,
     library_versions,
     read_manifest,
@@ -27,27 +26,9 @@ from export.manifest import (
 )
 from service import signature as sig
 
+__all__ = ["ExportConfig", "export_entry", "export_repository"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """How one entry is exported. Built by the CLI (flags with ROSETTA_ env twins) or by callers."""
-
-    precision: str = "fp32"  # "fp32", "fp16" (K/V and weights half; log_probs stay fp32) or "int8" (dynamic)
-    name: str = ""  # entry name in the manifest; "" takes the parent folder's name (model_repository/NAME/..)
-    version: str = ""  # entry version; "" takes the output folder's name (model_repository/NAME/VERSION)
-    source_lang: str = "de"
-    target_lang: str = "en"
-    optimize: bool = True  # run the exporter's graph optimiser (folding, CSE, dead code); see export/README.md
-    check: bool = False  # run the parity check against PyTorch after export; raise ParityError on failure
-    evaluate_dir: str = ""  # Multi30k folder: if set, measure BLEU on test_2016_flickr into the manifest
-    evaluate_sentences: int = 0  # evaluate on the first N test sentences (0: all 1000)
-    reference_entry: str = ""  # an fp32 entry to compare quality against ("vs_fp32"); "" when none
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig | None = None,

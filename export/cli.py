@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> None:
     """Add the `export` subcommand to the `rosetta` parser."""
-    from export.api import ExportConfig  # torch- and onnx-free
+    from export.config import ExportConfig  # torch- and onnx-free
     from export.manifest import PRECISIONS
     from service.cli import ENV_PREFIX, _parse_bool, add_dataclass_flags
 

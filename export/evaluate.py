@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export.api import ExportConfig
+from export.config import ExportConfig
 from export.manifest import read_manifest
 from service.options import DecodingOptions
 

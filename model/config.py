@@ -1,7 +1,8 @@
 """Configuration dataclasses for the model and its training.
 
-Torch-free on purpose: the exporter writes `ModelConfig` into every manifest and the
-serving side reads it back without importing torch.
+`ModelConfig` (the architecture) is defined on the serving side, in `service.model_config`: the exporter
+writes it into every manifest and the engine reads it back, so it belongs to the side that serves; the
+model imports it from there (imports run model -> export -> service, never back). Torch-free.
 
 Shape legend used across the project:
     B batch, K beams, R live hypothesis rows (B*K), S source length, T target length,
@@ -11,63 +12,12 @@ Shape legend used across the project:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from service.model_config import ModelConfig
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of an encoder-decoder Transformer; stored inside every checkpoint."""
-
-    vocab_size: int = 8000  # joint source+target subword vocabulary
-    d_model: int = 256  # width of every residual stream
-    heads: int = 4  # attention heads; d_model must divide evenly
-    encoder_layers: int = 3
-    decoder_layers: int = 3
-    d_ff: int = 1024  # inner width of the position-wise feed-forward
-    dropout: float = 0.3  # residual, embedding and feed-forward dropout
-    attention_dropout: float = 0.1  # dropout on attention weights
-    activation: str = "relu"  # "relu" (paper) or "gelu"
-    norm_first: bool = False  # False: post-norm as in the paper; True: pre-norm
-    positional: str = "sinusoidal"  # "sinusoidal" (paper) or "learned"
-    tie_embeddings: bool = True  # share source, target and output-projection weights
-    max_positions: int = 512  # longest sequence the positional table covers
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    unk_id: int = 3
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be relu or gelu, not {self.activation!r}")
-        if self.positional not in ("sinusoidal", "learned"):
-            raise ValueError(f"positional must be sinusoidal or learned, not {self.positional!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> ModelConfig:
-        return cls.from_dict(json.loads(path.read_text()))
+__all__ = ["ModelConfig", "TrainConfig"]
 
 
 @dataclass(frozen=True)

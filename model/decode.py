@@ -29,7 +29,7 @@ from torch import Tensor
 
 from model.data import pad as pad_batch
 from model.transformer import KV, Transformer
-from service.engine import batches_by_length
+from service.engine.batching import batches_by_length
 from service.options import DecodingOptions, Hypothesis, TranslationResult
 
 

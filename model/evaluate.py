@@ -19,7 +19,7 @@ from model.checkpoint import load_checkpoint
 from model.data import pad as pad_batch
 from model.decode import decode
 from model.transformer import Transformer
-from service.engine import batches_by_length
+from service.engine.batching import batches_by_length
 from service.options import DecodingOptions
 from service.tokenizer import Tokenizer
 

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
-from service.engine_search import ABANDONED
+from service.engine.search import ABANDONED
 from service.errors import InvalidArgument, MessageTooLarge, ModelNotFound, QueueFull, ServiceError, Unavailable
 from service.metrics import ModelMetrics, ServerMetrics
 from service.options import DecodingOptions, TranslationResult

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from service.engine import Engine, EngineConfig
-from service.engine_entry import CLIP, ModelEntryError, check_sessions, read_entry, sha256_of
+from service.engine.entry import CLIP, ModelEntryError, check_sessions, read_entry, sha256_of
 
 CPU1 = EngineConfig(provider="cpu", intra_op_threads=1, parallel_batches=1)
 

@@ -8,7 +8,7 @@ folder or is not a regular file, and any file whose sha256 differs from the mani
 themselves are checked once they are loaded (`check_sessions`): against the signature, and against
 the model config's vocab_size and max_positions.
 
-Torch-free: `model.config` is a plain-dataclass module.
+Torch-free: `service.model_config` is a plain-dataclass module.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from model.config import ModelConfig
 from service import signature as sig
+from service.model_config import ModelConfig
 from service.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"

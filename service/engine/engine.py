@@ -8,9 +8,10 @@ One batch reads like the architecture (`Engine.translate_ids`):
 
     tokenize -> pad -> encode (once per batch) -> [decoder step -> search.advance] until done -> detokenize
 
-- `service.engine_entry`  checks the model-repository entry (manifest, hashes, signature, tokenizer);
-- `service.ort_runtime`   owns the sessions and the device-resident K/V (IO binding on CPU and CUDA);
-- `service.engine_search` is the host-side search, token-for-token the PyTorch reference (model/decode.py).
+- `service.engine.entry`    checks the model-repository entry (manifest, hashes, signature, tokenizer);
+- `service.engine.runtime`  owns the sessions and the device-resident K/V (IO binding on CPU and CUDA);
+- `service.engine.search`   is the host-side search, token-for-token the PyTorch reference (model/decode.py);
+- `service.engine.batching` groups sentences into length-sorted batches (no onnxruntime: model/ reuses it).
 
 Threads (CPU): see benchmarks/README.md, "Engine: CPU thread settings". With `intra_op_threads=0`
 the engine uses what that measurement chose for a machine this size: one intra-op thread per
@@ -39,10 +40,11 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from service.engine_entry import ModelEntry, ModelEntryError, read_entry
-from service.engine_search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
+from service.engine.batching import batches_by_length
+from service.engine.entry import ModelEntry, ModelEntryError, read_entry
+from service.engine.runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
+from service.engine.search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
 from service.options import DecodingOptions, TranslationResult
-from service.ort_runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
 from service.tokenizer import Tokenizer
 
 __all__ = ["ABANDONED", "Abandoned", "Engine", "EngineConfig", "EngineObserver", "ModelEntryError",
@@ -119,25 +121,8 @@ def _quiet_onnxruntime() -> Iterator[None]:
         ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
 
 
-def batches_by_length(lengths: Sequence[int], max_tokens: int, max_sentences: int) -> Iterator[list[int]]:
-    """Indices sorted by length, grouped so that every padded batch (count x longest) stays within
-    `max_tokens` and `max_sentences`; a single sentence over `max_tokens` forms its own batch."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batch: list[int] = []
-    width = 0
-    for i in order:
-        w = max(width, lengths[i])
-        if batch and (w * (len(batch) + 1) > max_tokens or len(batch) >= max_sentences):
-            yield batch
-            batch, w = [], lengths[i]
-        batch.append(i)
-        width = w
-    if batch:
-        yield batch
-
-
 class StepModel(Protocol):
-    """What a decoding loop drives: `service.ort_runtime.OrtModel` (the benchmarks add a PyTorch one)."""
+    """What a decoding loop drives: `service.engine.runtime.OrtModel` (the benchmarks add a PyTorch one)."""
 
     def encode(self, src_ids: np.ndarray) -> Any: ...
 

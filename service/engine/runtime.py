@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service import signature as sig
-from service.engine_entry import ModelEntry, check_sessions
-from service.engine_search import StepRequest, StepScores
+from service.engine.entry import ModelEntry, check_sessions
+from service.engine.search import StepRequest, StepScores
 
 log = logging.getLogger(__name__)
 
