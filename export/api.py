@@ -44,7 +44,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     import onnx
     import torch
 
-    from export.graphs import OPSET, export_decoder, export_encoder, signatures
+    from export.graphs import OPSET, export_decoder, export_encoder, signatures, store_exact_fp16
     from model.checkpoint import load_checkpoint
 
     cfg = ExportConfig(**{**(config.__dict__ if config else {}), **overrides})
@@ -75,6 +75,10 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
 
             quantize_int8(enc_path, enc_path)
             quantize_int8(dec_path, dec_path)
+        for path in (enc_path, dec_path):  # after quantizing: it reads the fp32 weights
+            proto = onnx.load(str(path))
+            if store_exact_fp16(proto.graph):  # lossless: half the file for an fp16 checkpoint
+                onnx.save(proto, str(path))
         enc_spec, dec_spec = signatures(model, float_dtype)
         sig.check_onnx(ENCODER_FILE, enc_spec, enc_path)
         sig.check_onnx(DECODER_FILE, dec_spec, dec_path)
