@@ -70,11 +70,14 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         enc_path, dec_path = Path(tmp) / ENCODER_FILE, Path(tmp) / DECODER_FILE
         onnx.save(encoder, str(enc_path))
         onnx.save(decoder, str(dec_path))
+        int8_form = None
         if cfg.precision == "int8":
             from export.quantize import quantize_int8
+            from service.engine.cpu import recommended_int8_form
 
-            quantize_int8(enc_path, enc_path)
-            quantize_int8(dec_path, dec_path)
+            int8_form = recommended_int8_form() if cfg.int8_form == "auto" else cfg.int8_form
+            quantize_int8(enc_path, enc_path, form=int8_form)
+            quantize_int8(dec_path, dec_path, form=int8_form)
         for path in (enc_path, dec_path):  # after quantizing: it reads the fp32 weights
             proto = onnx.load(str(path))
             if store_exact_fp16(proto.graph):  # lossless: half the file for an fp16 checkpoint
@@ -103,6 +106,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         },
         "library_versions": library_versions(),
         "optimized": cfg.optimize,
+        **({"int8_form": int8_form} if int8_form else {}),
         "quality": {},
         "export_seconds": 0.0,
         "timings": timings,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from export.manifest import PRECISIONS
+from service.engine.cpu import INT8_FORMS
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,12 @@ class ExportConfig:
     evaluate_dir: str = ""  # Multi30k folder: if set, measure BLEU on test_2016_flickr into the manifest
     evaluate_sentences: int = 0  # evaluate on the first N test sentences (0: all 1000)
     reference_entry: str = ""  # an fp32 entry to compare quality against ("vs_fp32"); "" when none
+    # int8 only: "avx2" (7-bit weights, right on any x86), "vnni" (full 8-bit, for VNNI/AMX CPUs), or
+    # "auto": the form right for the machine that exports (service/engine/cpu.py)
+    int8_form: str = "avx2"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.int8_form not in (*INT8_FORMS, "auto"):
+            raise ValueError(f"int8_form must be one of {(*INT8_FORMS, 'auto')}, got {self.int8_form!r}")

@@ -5,8 +5,9 @@ the fly per call (DynamicQuantizeLinear), so no calibration data is needed. Inpu
 keep the fp32 signature: the engine treats an int8 entry exactly like an fp32 one.
 
 Two properties the engine must know (measured, see export/README.md):
-- `reduce_range` (7-bit weights) is on: without VNNI, x86 multiplies u8 x s8 pairs into int16
-  with saturation, and on our models full-range weights flipped the argmax of many steps.
+- `reduce_range` (7-bit weights) is on in the "avx2" form, the default: without VNNI, x86 multiplies
+  u8 x s8 pairs into int16 with saturation, and on our models full-range weights flipped the argmax of
+  many steps. The "vnni" form keeps full-range weights for CPUs with VNNI or AMX (service/engine/cpu.py).
 - The activation scale is per tensor, i.e. over the whole batch: an int8 graph's log-probs for
   a sentence depend slightly on the other sentences and the padding in its batch. Padding
   invariance holds only approximately; token-exact agreement with the fp32 oracle is not expected.
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from service.engine.cpu import INT8_FORMS
 
 QUANTIZED_OPS = ("MatMul",)  # "Gather" would also shrink the embedding tables; see README for why not
 
@@ -73,8 +76,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: bool = True) -> None:
-    """Dynamic int8 quantization of the graph at `src` into `dst` (may be the same path)."""
+def quantize_int8(src: Path, dst: Path, per_channel: bool = True, form: str = "avx2") -> None:
+    """Dynamic int8 quantization of the graph at `src` into `dst` (may be the same path), in `form`:
+    "avx2" (reduce_range, 7-bit weights: u8 x s8 pair sums cannot saturate int16, right on any x86) or
+    "vnni" (full-range 8-bit weights, for CPUs with VNNI or AMX; see service/engine/cpu.py)."""
+    if form not in INT8_FORMS:
+        raise ValueError(f"int8 form must be one of {INT8_FORMS}, got {form!r}")
+    reduce_range = form == "avx2"
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src))

@@ -41,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine.batching import batches_by_length
+from service.engine.cpu import describe_int8
 from service.engine.entry import ModelEntry, ModelEntryError, read_entry
 from service.engine.runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
 from service.engine.search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
@@ -181,6 +182,17 @@ class Engine:
         self.max_source_tokens: int = cfg.max_positions - 1  # tokens without the eos the engine appends
         self.max_target_tokens: int = cfg.max_positions  # generated tokens, eos included
         self._processes: ProcessPoolExecutor | None = None  # config.worker_processes > 0, made on first use
+        # int8 entries: which weight form (export's int8_form; entries from before it were reduce-range)
+        self.int8_form: str | None = None
+        if entry.precision == "int8":
+            self.int8_form = str(entry.manifest.get("int8_form", "avx2"))
+            line, suits = describe_int8(self.int8_form)
+            if suits or self.provider != CPU:
+                log.info("%s/%s: %s", entry.name, entry.version, line)
+            else:
+                log.warning("%s/%s: %s: its int16 accumulations saturate with full-range weights and quality "
+                            "drops; export the entry with --int8-form avx2 for this machine",
+                            entry.name, entry.version, line)
 
     @classmethod
     def load(cls, entry_dir: str | Path, config: EngineConfig = EngineConfig()) -> Engine:
