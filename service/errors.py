@@ -1,7 +1,7 @@
 """Errors of the serving path, each tied to the gRPC status it becomes.
 
 Raised anywhere below the servicer (validation, scheduler, engine wrapper) without importing grpc;
-the servicer maps them to a status in one place (`service.server._status_of`). `status` is the name of
+the servicer maps them to a status in one place (`service.server.servicer._status_of`). `status` is the name of
 a `grpc.StatusCode` member and is also the `code` label of the request metrics.
 """
 

@@ -1,6 +1,6 @@
 """Protobuf <-> plain Python for the pieces both the servicer and the client convert.
 
-Only the servicer (service/server.py) and the client helper (service/client.py) import this module;
+Only the servicer (service/server/servicer.py) and the client helper (service/client.py) import this module;
 everything below them speaks DecodingOptions and plain dataclasses.
 """
 

@@ -39,7 +39,7 @@ def server_defaults() -> Any:
 
 @pytest.fixture(scope="session")
 def health_services() -> tuple[str, ...]:
-    """The grpc.health.v1 service names the server registers (service/server.py HEALTH_SERVICES)."""
+    """The grpc.health.v1 service names the server registers (service/server/app.py HEALTH_SERVICES)."""
     from service.server import HEALTH_SERVICES
     return tuple(HEALTH_SERVICES)
 

@@ -200,7 +200,7 @@ def ignore_patterns() -> list[str]:
 
 
 @pytest.mark.parametrize("path", [
-    "pyproject.toml", "README.md", "model/config.py", "export/api.py", "service/server.py",
+    "pyproject.toml", "README.md", "model/config.py", "export/api.py", "service/server/app.py",
     "service/proto/translate_pb2.py", "models/model_repository/de-en/1/manifest.json",
     "models/model_repository/de-en/1/encoder.onnx", "deploy/docker/serving_requirements.py",
     "deploy/docker/healthcheck.py",

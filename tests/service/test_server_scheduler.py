@@ -14,7 +14,7 @@ import pytest
 
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
-from service.scheduler import Scheduler, SchedulerConfig
+from service.server.scheduler import Scheduler, SchedulerConfig
 
 BEAM4 = DecodingOptions(beam_size=4)
 GREEDY = DecodingOptions(beam_size=1)

@@ -1,0 +1,110 @@
+"""The served models: one loaded model-repository entry with its engine, tokenizer, scheduler and metrics."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import ServerConfig
+from service.engine.search import ABANDONED
+from service.metrics import ModelMetrics, ServerMetrics
+from service.options import DecodingOptions, TranslationResult
+from service.server.results import SentenceTranslation, ServedHypothesis
+from service.server.scheduler import (
+    Abandoned,
+    BatchRunner,
+    Scheduler,
+    SchedulerConfig,
+)
+
+
+@dataclass
+class ServedModel:
+    """A loaded model-repository entry and the scheduler that owns its engine."""
+
+    name: str
+    version: str
+    manifest: dict[str, Any]
+    provider: str
+    tokenizer: Any  # service.tokenizer.Tokenizer
+    engine: Any  # service.engine.Engine
+    scheduler: Scheduler
+    metrics: ModelMetrics
+    max_input_tokens: int  # ServerConfig.max_input_tokens, lowered to what the model's positions allow
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def tokenize(self, sentences: Sequence[str]) -> list[list[int] | None]:
+        """Token ids (no eos) per sentence; None for an empty or whitespace-only one."""
+        texts = [s for s in sentences if s.strip()]
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
+        return [next(encoded) if s.strip() else None for s in sentences]
+
+
+def make_runner(engine: Any, observer: ModelMetrics) -> BatchRunner:
+    """The scheduler's batch function for `engine`: decode, then detokenize on the same executor thread."""
+    tokenizer = engine.tokenizer
+
+    def run(sources: list[list[int]], options: DecodingOptions,
+            abandoned: Abandoned | None = None) -> list[SentenceTranslation | None]:
+        results: list[TranslationResult] = engine.translate_ids(sources, options, observer=observer,
+                                                                abandoned=abandoned)
+        out: list[SentenceTranslation | None] = []
+        for ids, res in zip(sources, results, strict=True):
+            if res.finish_reason == ABANDONED:  # nobody waits for it: the scheduler counts it as dropped
+                out.append(None)
+                continue
+            hyps = [ServedHypothesis(h.text, list(h.tokens),
+                                     [tokenizer.id_to_token(t) for t in h.tokens], h.score, h.log_prob)
+                    for h in res.hypotheses]
+            out.append(SentenceTranslation(hyps, res.finish_reason, len(ids)))
+        done = [(ids, s) for ids, s in zip(sources, out, strict=True) if s is not None]
+        observer.on_tokens(sum(len(ids) for ids, _ in done), sum(len(s.hypotheses[0].token_ids) for _, s in done))
+        return out
+
+    return run
+
+
+def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> ServedModel:
+    """Load `entry` (model_repository/NAME/VERSION) and build its scheduler (not started).
+
+    One Engine (one copy of the weights) is shared by `workers` runners: its translate_ids is safe to call
+    from several threads and runs them in parallel. workers=0 takes the engine's measured choice for this
+    machine (`Engine.workers`: one batch per core at one intra-op thread each, so every core decodes).
+    Raises ValueError (from the engine) on a bad entry."""
+    from service.engine import Engine, EngineConfig  # onnxruntime: imported only when serving
+
+    engine_config = EngineConfig(provider=config.provider, intra_op_threads=config.intra_op_threads,
+                                 inter_op_threads=config.inter_op_threads,
+                                 max_batch_tokens=config.max_batch_tokens,
+                                 max_batch_sentences=config.max_batch_sentences,
+                                 cpu_memory_arena=config.cpu_memory_arena)
+    engine = Engine.load(entry, engine_config)
+    model_metrics = metrics.model(engine.name)
+    runners = [make_runner(engine, model_metrics) for _ in range(config.workers or engine.workers)]
+    scheduler = Scheduler(runners, SchedulerConfig(config.max_batch_sentences, config.max_batch_tokens,
+                                                   config.max_wait_ms, config.max_queue_sentences,
+                                                   config.max_batch_kv_bytes),
+                          observer=model_metrics, name=engine.name,
+                          on_idle=trim_memory if config.trim_memory_when_idle else None)
+    manifest = dict(engine.manifest)
+    metrics.model_info.labels(engine.name, engine.version, str(manifest.get("precision", "")), engine.provider,
+                              str(manifest.get("source_lang", "")), str(manifest.get("target_lang", ""))).set(1)
+    max_input = min(config.max_input_tokens, engine.max_source_tokens)
+    return ServedModel(engine.name, str(engine.version), manifest, engine.provider, engine.tokenizer, engine,
+                       scheduler, model_metrics, max_input)
+
+
+def trim_memory() -> bool:
+    """glibc only: give the heap's free memory back to the OS (malloc_trim). Freed K/V of a big batch
+    otherwise stays in glibc's heaps: two heavy calls left a server at 417 MiB for good, against 166 MiB
+    before them (benchmarks/heavy_request.py). False where unsupported."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
