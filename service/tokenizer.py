@@ -1,12 +1,17 @@
-"""The runtime tokenizer: one `tokenizer.json` file, loaded without torch.
+"""The runtime tokenizers, loaded without torch.
 
-Byte-level BPE (the HuggingFace `tokenizers` library): every string maps to tokens over a
-256-symbol byte alphabet, so no input can fail or fall back to an unknown token, and decoding
-gives back exactly the bytes that went in (case, punctuation, spacing, emoji, control chars).
+`Tokenizer`: Rosetta's own, one `tokenizer.json` file. Byte-level BPE (the HuggingFace `tokenizers`
+library): every string maps to tokens over a 256-symbol byte alphabet, so no input can fail or fall
+back to an unknown token, and decoding gives back exactly the bytes that went in.
+
+`SentencePieceTokenizer`: a Marian (OPUS-MT) model's: SentencePiece models for the source and the target
+side (`source.spm`, `target.spm`) over one joint vocabulary (`vocab.json`, piece -> id), token for token
+what transformers' MarianTokenizer gives (tests/service/test_tokenizer_marian.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -52,3 +57,80 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._hf.id_to_token(token_id))
+
+
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-boundary mark
+
+
+class SentencePieceTokenizer:
+    """Marian's tokenization: the source text through source.spm, the target text through target.spm, and
+    pieces to ids through the joint vocab.json (a piece missing from it is unk). A leading language code
+    (`>>fr<<`, multilingual models) is kept as one token. Decoding drops special ids and joins the pieces.
+
+    Special ids come from the vocabulary: eos "</s>", unk "<unk>", pad "<pad>"; Marian has no bos and starts
+    decoding from pad, so `bos_id` is pad_id."""
+
+    kind = "sentencepiece"
+    FILES = ("source.spm", "target.spm", "vocab.json")
+
+    def __init__(self, source_spm: str | Path, target_spm: str | Path, vocab: dict[str, int]) -> None:
+        import sentencepiece  # only for Marian models: the default tokenizer does not need it
+
+        self._source = sentencepiece.SentencePieceProcessor(model_file=str(source_spm))
+        self._target = sentencepiece.SentencePieceProcessor(model_file=str(target_spm))
+        missing = [t for t in (EOS, UNK, PAD) if t not in vocab]
+        if missing:
+            raise ValueError(f"vocab.json lacks the special tokens {missing}")
+        self._vocab = dict(vocab)
+        self._pieces = {i: p for p, i in self._vocab.items()}
+        if len(self._pieces) != len(self._vocab):
+            raise ValueError("vocab.json maps two pieces to one id")
+        self.eos_id, self.unk_id, self.pad_id = vocab[EOS], vocab[UNK], vocab[PAD]
+        self.bos_id = self.pad_id
+        self._special = {self.eos_id, self.unk_id, self.pad_id}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SentencePieceTokenizer:
+        """From a folder holding source.spm, target.spm and vocab.json; ValueError naming a missing file."""
+        folder = Path(folder)
+        missing = [f for f in cls.FILES if not (folder / f).is_file()]
+        if missing:
+            raise ValueError(f"{folder}: no {', '.join(missing)} (a Marian tokenizer needs {', '.join(cls.FILES)})")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{folder / 'vocab.json'} is not a JSON object of piece -> id")
+        return cls(folder / "source.spm", folder / "target.spm", vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self._pieces) + 1
+
+    def _ids(self, processor: object, text: str) -> list[int]:
+        code: list[str] = []
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            code, text = [text[: end + 2]], text[end + 2:]
+        pieces = code + processor.encode(text, out_type=str)  # type: ignore[attr-defined]
+        unk = self.unk_id
+        return [self._vocab.get(p, unk) for p in pieces]
+
+    def encode(self, text: str) -> list[int]:
+        """Source-side ids of `text`, without eos."""
+        return self._ids(self._source, text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._ids(self._source, t) for t in texts]
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target-side ids of `text` (target.spm), without eos: what training and evaluation compare with."""
+        return self._ids(self._target, text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; special tokens are dropped."""
+        pieces = [self._pieces.get(i, UNK) for i in ids if i not in self._special]
+        return str(self._target.decode_pieces(pieces)).replace(SPIECE_UNDERLINE, " ").strip()
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._pieces.get(token_id, UNK)
