@@ -26,7 +26,7 @@ import torch
 from export.ort_graphs import OrtGraphs
 from model.checkpoint import load_checkpoint
 from model.transformer import KV, Transformer
-from service.tokenizer import Tokenizer
+from service.tokenizer import AnyTokenizer
 
 # Real source sentences of different lengths (Multi30k-style German), so the batch is padded.
 SENTENCES = (
@@ -78,7 +78,7 @@ class ParityReport:
         return asdict(self)
 
 
-def source_ids(tok: Tokenizer, eos_id: int, sentences: tuple[str, ...] = SENTENCES) -> list[list[int]]:
+def source_ids(tok: AnyTokenizer, eos_id: int, sentences: tuple[str, ...] = SENTENCES) -> list[list[int]]:
     """Token ids of each sentence followed by eos."""
     return [ids + [eos_id] for ids in tok.encode_batch(list(sentences))]
 
@@ -211,7 +211,7 @@ def reorder_parity(graphs: OrtGraphs, model: Transformer, sources: list[list[int
     return worst, exact
 
 
-def run_parity(graphs: OrtGraphs, model: Transformer, tok: Tokenizer, steps: int = 30) -> ParityReport:
+def run_parity(graphs: OrtGraphs, model: Transformer, tok: AnyTokenizer, steps: int = 30) -> ParityReport:
     """All checks on loaded graphs; the report lists every failure (empty when all passed)."""
     precision = str(graphs.manifest["precision"])
     sources = source_ids(tok, model.cfg.eos_id)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from service.tokenizer import Tokenizer
+from service.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
@@ -31,7 +31,7 @@ def state_tensors(model: Transformer, dtype: torch.dtype | None = None) -> dict[
 def save_checkpoint(
     path: Path,
     model: Transformer,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
@@ -39,7 +39,10 @@ def save_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_tensors(model, dtype), str(path / WEIGHTS), metadata=metadata or {})
     model.cfg.save(path / CONFIG)
-    tokenizer.save(path / TOKENIZER)
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(path / TOKENIZER)
+    else:
+        tokenizer.save_files(path)
 
 
 def load_weights(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
@@ -70,13 +73,14 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint has unknown tensors: {sorted(unknown)}")
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    """Rebuild the model from the folder alone (config inside), fp32, in eval mode."""
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, AnyTokenizer]:
+    """Rebuild the model from the folder alone (config inside), fp32, in eval mode, with its tokenizer
+    (tokenizer.json, or an imported Marian model's SentencePiece files)."""
     path = Path(path)
     cfg = ModelConfig.load(path / CONFIG)
     model = Transformer(cfg)
     load_weights(model, load_file(str(path / WEIGHTS)))
-    return model.to(device).eval(), Tokenizer.load(path / TOKENIZER)
+    return model.to(device).eval(), load_tokenizer(path)
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:

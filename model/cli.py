@@ -31,6 +31,16 @@ def register(sub: Any) -> None:
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
     p.set_defaults(func=_cmd_package)
 
+    p = sub.add_parser("import", help="import a model from another toolkit's local folder (needs the train extra)")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    m = kinds.add_parser("marian", help="a transformers Marian (OPUS-MT) folder -> a Rosetta checkpoint",
+                         description="Reads config.json, the weights, source.spm, target.spm and vocab.json of a "
+                                     "local transformers Marian folder (nothing is downloaded) and writes a Rosetta "
+                                     "checkpoint that `rosetta export` and `rosetta serve` take unchanged.")
+    m.add_argument("folder", help="the transformers Marian folder (e.g. from huggingface-cli download)")
+    m.add_argument("--out", required=True, help="the checkpoint folder to write (must not exist)")
+    m.set_defaults(func=_cmd_import_marian)
+
     p = sub.add_parser("evaluate", help="sacreBLEU + chrF of a checkpoint on a test file pair")
     p.add_argument("checkpoint", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
     p.add_argument("--src-file", required=True, help="source sentences, one per line (.gz ok)")
@@ -48,6 +58,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from service.cli import build_dataclass
 
     print(train(build_dataclass(TrainConfig, args)))
+    return 0
+
+
+def _cmd_import_marian(args: argparse.Namespace) -> int:
+    from model.marian import ImportError_, import_marian
+
+    try:
+        print(import_marian(args.folder, args.out))
+    except ImportError_ as err:
+        print(f"rosetta import marian: {err}")
+        return 1
     return 0
 
 

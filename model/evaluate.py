@@ -21,7 +21,7 @@ from model.decode import decode
 from model.transformer import Transformer
 from service.engine.batching import batches_by_length
 from service.options import DecodingOptions
-from service.tokenizer import Tokenizer
+from service.tokenizer import AnyTokenizer
 
 log = logging.getLogger("rosetta.evaluate")
 
@@ -56,7 +56,7 @@ def score(hypotheses: list[str], references: list[str]) -> tuple[float, str, flo
 
 
 def translate_texts(
-    model: Transformer, tok: Tokenizer, sources: list[str], options: DecodingOptions, max_tokens: int = 4096,
+    model: Transformer, tok: AnyTokenizer, sources: list[str], options: DecodingOptions, max_tokens: int = 4096,
     progress: bool = True,
 ) -> list[str]:
     """Best hypothesis text per source line, in order, with a progress bar."""

@@ -28,13 +28,20 @@ from model.config import ModelConfig
 KV = tuple[Tensor, Tensor]  # (keys, values), each (N, H, len, Dh)
 
 
-def sinusoidal_table(max_positions: int, d_model: int) -> Tensor:
-    """PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). (P, D)"""
+def sinusoidal_table(max_positions: int, d_model: int, split: bool = False) -> Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/D)), PE[pos, 2i+1] = cos(pos / 10000^(2i/D)). (P, D)
+
+    `split`: the same values laid out sin-first-half, cos-second-half (Marian's table)."""
     pos = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
     div = torch.pow(10000.0, torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (D/2,)
     table = torch.zeros(max_positions, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(pos / div)
-    table[:, 1::2] = torch.cos(pos / div)
+    half = (d_model + 1) // 2
+    if split:
+        table[:, :half] = torch.sin(pos / div)
+        table[:, half:] = torch.cos(pos / div)[:, : d_model - half]
+    else:
+        table[:, 0::2] = torch.sin(pos / div)
+        table[:, 1::2] = torch.cos(pos / div)[:, : d_model // 2]
     return table.float()
 
 
@@ -109,7 +116,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.w1, self.w2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
-        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.act = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}[activation]()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,13 +213,14 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig, token: nn.Embedding) -> None:
         super().__init__()
         self.token = token
-        self.scale = math.sqrt(cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model) if cfg.embedding_scale else 1.0
         self.learned = cfg.positional == "learned"
         if self.learned:
             self.pos = nn.Embedding(cfg.max_positions, cfg.d_model)
             nn.init.normal_(self.pos.weight, std=cfg.d_model**-0.5)
         else:
-            self.register_buffer("pe", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+            table = sinusoidal_table(cfg.max_positions, cfg.d_model, split=cfg.positional == "sinusoidal_split")
+            self.register_buffer("pe", table, persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def positional(self, positions: Tensor) -> Tensor:
@@ -240,6 +248,7 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
         self.generator = None if cfg.tie_embeddings else nn.Linear(d, v, bias=False)
+        self.logits_bias = nn.Parameter(torch.zeros(v)) if cfg.logits_bias else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -273,9 +282,8 @@ class Transformer(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., V)"""
-        if self.generator is None:
-            return F.linear(x, self.tgt_embed.token.weight)
-        return self.generator(x)
+        weight = self.tgt_embed.token.weight if self.generator is None else self.generator.weight
+        return F.linear(x, weight, self.logits_bias)
 
     # -- whole sequences (training) ---------------------------------------------------------
 

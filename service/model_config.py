@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ACTIVATIONS = ("relu", "gelu", "swish")
+POSITIONALS = ("sinusoidal", "sinusoidal_split", "learned")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,10 +31,14 @@ class ModelConfig:
     d_ff: int = 1024  # inner width of the position-wise feed-forward
     dropout: float = 0.3  # residual, embedding and feed-forward dropout
     attention_dropout: float = 0.1  # dropout on attention weights
-    activation: str = "relu"  # "relu" (paper) or "gelu"
+    activation: str = "relu"  # "relu" (paper), "gelu" or "swish" (SiLU: Marian / OPUS-MT)
     norm_first: bool = False  # False: post-norm as in the paper; True: pre-norm
-    positional: str = "sinusoidal"  # "sinusoidal" (paper) or "learned"
+    # "sinusoidal" (paper: sin and cos interleaved), "sinusoidal_split" (the same frequencies, sin in the
+    # first half of the dims and cos in the second: Marian) or "learned"
+    positional: str = "sinusoidal"
     tie_embeddings: bool = True  # share source, target and output-projection weights
+    embedding_scale: bool = True  # token embeddings times sqrt(d_model) (paper; Marian's scale_embedding)
+    logits_bias: bool = False  # a learned (vocab,) bias added to the output logits (Marian's final_logits_bias)
     max_positions: int = 512  # longest sequence the positional table covers
     pad_id: int = 0
     bos_id: int = 1
@@ -41,10 +48,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be relu or gelu, not {self.activation!r}")
-        if self.positional not in ("sinusoidal", "learned"):
-            raise ValueError(f"positional must be sinusoidal or learned, not {self.positional!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, not {self.activation!r}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"positional must be one of {POSITIONALS}, not {self.positional!r}")
 
     @property
     def head_dim(self) -> int:

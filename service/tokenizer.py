@@ -101,6 +101,13 @@ class SentencePieceTokenizer:
             raise ValueError(f"{folder / 'vocab.json'} is not a JSON object of piece -> id")
         return cls(folder / "source.spm", folder / "target.spm", vocab)
 
+    def save_files(self, folder: str | Path) -> None:
+        """Write source.spm, target.spm and vocab.json into `folder`."""
+        folder = Path(folder)
+        (folder / "source.spm").write_bytes(self._source.serialized_model_proto())
+        (folder / "target.spm").write_bytes(self._target.serialized_model_proto())
+        (folder / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
+
     @property
     def vocab_size(self) -> int:
         return max(self._pieces) + 1
@@ -134,3 +141,17 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self._pieces.get(token_id, UNK)
+
+
+AnyTokenizer = Tokenizer | SentencePieceTokenizer
+
+
+def load_tokenizer(folder: str | Path) -> AnyTokenizer:
+    """The tokenizer a checkpoint or entry folder holds: tokenizer.json (Rosetta's), or Marian's
+    source.spm + target.spm + vocab.json. ValueError when it holds neither."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.load(folder / "tokenizer.json")
+    if any((folder / f).exists() for f in SentencePieceTokenizer.FILES):
+        return SentencePieceTokenizer.load(folder)
+    raise ValueError(f"{folder}: no tokenizer (tokenizer.json, or {', '.join(SentencePieceTokenizer.FILES)})")

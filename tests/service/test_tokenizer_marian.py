@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,42 +15,11 @@ transformers = pytest.importorskip("transformers")
 
 from service.tokenizer import SentencePieceTokenizer  # noqa: E402
 
-SPECIAL = ("</s>", "<unk>")  # ids 0 and 1 in OPUS-MT vocabularies; <pad> is the last id
-
 
 def read(data_dir: Path, name: str, limit: int = 0) -> list[str]:
     with gzip.open(data_dir / name, "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     return lines[:limit] if limit else lines
-
-
-@pytest.fixture(scope="module")
-def marian_files(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """source.spm (de), target.spm (en) and a joint vocab.json, as an OPUS-MT folder holds them."""
-    folder = tmp_path_factory.mktemp("marian")
-    for side, lang in (("source", "de"), ("target", "en")):
-        corpus = folder / f"{lang}.txt"
-        corpus.write_text("\n".join(read(data_dir, f"train.{lang}.gz", 8000)) + "\n", encoding="utf-8")
-        sentencepiece.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(folder / side), vocab_size=600, model_type="unigram",
-            character_coverage=1.0, bos_id=-1, eos_id=0, unk_id=1, pad_id=-1, minloglevel=2)
-        (folder / f"{side}.model").rename(folder / f"{side}.spm")
-    vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL)}
-    vocab[">>de<<"] = len(vocab)  # a language code, as multilingual OPUS-MT vocabularies have
-    for side in ("source", "target"):
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{side}.spm"))
-        for i in range(sp.get_piece_size()):
-            piece = sp.id_to_piece(i)
-            if piece not in vocab and not sp.is_control(i) and not sp.is_unknown(i):
-                vocab[piece] = len(vocab)
-    # One frequent target piece left out of the vocabulary: it must come out as <unk> on both sides.
-    target = sentencepiece.SentencePieceProcessor(model_file=str(folder / "target.spm"))
-    counts = Counter(p for line in read(data_dir, "val.en.gz", 200) for p in target.encode(line, out_type=str))
-    dropped = next(p for p, _ in counts.most_common() if p in vocab and p not in SPECIAL)
-    pieces = [p for p in sorted(vocab, key=vocab.__getitem__) if p != dropped] + ["<pad>"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

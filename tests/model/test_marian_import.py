@@ -1,0 +1,124 @@
+"""`rosetta import marian`: a tiny random Marian model made with transformers' own classes, saved the way
+the library saves it, imported into a Rosetta checkpoint whose PyTorch model gives transformers' logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.marian import ImportError_, import_marian  # noqa: E402
+from service.tokenizer import SentencePieceTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def marian_folder(tmp_path_factory: pytest.TempPathFactory, marian_files: Path) -> Path:
+    """An OPUS-MT-shaped folder (swish, scaled embeddings, shared embeddings, final_logits_bias) with random
+    weights, a random final_logits_bias, and the tokenizer files."""
+    vocab = json.loads((marian_files / "vocab.json").read_text(encoding="utf-8"))
+    v = max(vocab.values()) + 1
+    config = transformers.MarianConfig(
+        vocab_size=v, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, activation_function="swish",
+        scale_embedding=True, max_position_embeddings=128, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
+        decoder_start_token_id=vocab["<pad>"], share_encoder_decoder_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0, 0.5)  # non-zero, so importing it is tested
+    folder = tmp_path_factory.mktemp("opus-mt-tiny")
+    model.save_pretrained(str(folder))
+    for name in ("source.spm", "target.spm", "vocab.json"):
+        shutil.copyfile(marian_files / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported(marian_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.cli import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "opus-mt-tiny"
+    assert main(["import", "marian", str(marian_folder), "--out", str(out)]) == 0
+    return out
+
+
+def theirs(folder: Path) -> Any:
+    return transformers.MarianMTModel.from_pretrained(str(folder), local_files_only=True).eval()
+
+
+def test_imported_logits_equal_transformers_on_a_padded_batch(marian_folder: Path, imported: Path,
+                                                              marian_files: Path) -> None:
+    model, tok = load_checkpoint(imported)
+    assert isinstance(tok, SentencePieceTokenizer)
+    hf = theirs(marian_folder)
+    sources = ["Ein Hund rennt durch den Schnee.", "Zwei Männer.", "Eine Frau mit einem roten Hut liest ein Buch."]
+    ids = [tok.encode(s) + [tok.eos_id] for s in sources]
+    width = max(map(len, ids))
+    src = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in ids])
+    targets = [torch.tensor([tok.bos_id] + tok.encode_target(t)) for t in ("A dog runs.", "Two men.",
+                                                                           "A woman reads a book.")]
+    tgt_in = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=tok.pad_id)
+    with torch.no_grad():
+        ours = model(src, tgt_in)
+        expected = hf(input_ids=src, attention_mask=(src != tok.pad_id).long(), decoder_input_ids=tgt_in).logits
+    assert (src == tok.pad_id).any()  # the batch has padding
+    assert torch.allclose(ours, expected, atol=1e-4), float((ours - expected).abs().max())
+
+
+def test_imported_config_records_what_marian_needs(imported: Path) -> None:
+    cfg = json.loads((imported / "config.json").read_text())
+    assert cfg["activation"] == "swish" and cfg["positional"] == "sinusoidal_split"
+    assert cfg["embedding_scale"] is True and cfg["logits_bias"] is True
+    assert cfg["bos_id"] == cfg["pad_id"] and cfg["eos_id"] == 0
+    assert {p.name for p in imported.iterdir()} == {"model.safetensors", "config.json", "source.spm",
+                                                     "target.spm", "vocab.json"}
+
+
+def test_a_folder_that_is_not_marian_is_refused_and_leaves_nothing(marian_folder: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bart"
+    shutil.copytree(marian_folder, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "bart"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ImportError_, match="model_type is 'bart'"):
+        import_marian(bad, tmp_path / "out" / "ckpt")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda f: (f / "target.spm").unlink(), "missing tokenizer file"),
+    (lambda f: (f / "config.json").unlink(), "no config.json"),
+    (lambda f: _edit(f, share_encoder_decoder_embeddings=False), "separate encoder and decoder embeddings"),
+    (lambda f: _edit(f, decoder_ffn_dim=128), "ffn dims differ"),
+    (lambda f: _edit(f, vocab_size=20, decoder_vocab_size=20), "does not belong to this model"),
+], ids=["no-target-spm", "no-config", "separate-embeddings", "ffn-dims", "vocab-mismatch"])
+def test_bad_folders_get_a_clear_error_naming_the_problem(marian_folder: Path, tmp_path: Path, change: Any,
+                                                          message: str) -> None:
+    bad = tmp_path / "m"
+    shutil.copytree(marian_folder, bad)
+    change(bad)
+    with pytest.raises(ImportError_, match=message):
+        import_marian(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no half-written folder
+
+
+def test_cli_reports_a_refusal_and_exits_1(tmp_path: Path, capsys: Any) -> None:
+    from service.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(["import", "marian", str(tmp_path), "--out", str(tmp_path / "ckpt")]) == 1
+    assert "model_type is 't5'" in capsys.readouterr().out
+
+
+def _edit(folder: Path, **changes: Any) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
