@@ -25,6 +25,7 @@ from export.manifest import (
     write_manifest,
 )
 from service import signature as sig
+from service.tokenizer import TOKENIZER_FILES
 
 __all__ = ["ExportConfig", "export_entry", "export_repository"]
 
@@ -87,7 +88,9 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         sig.check_onnx(DECODER_FILE, dec_spec, dec_path)
         shutil.copyfile(enc_path, out / ENCODER_FILE)
         shutil.copyfile(dec_path, out / DECODER_FILE)
-    shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    tokenizer_kind = "bpe" if (checkpoint / TOKENIZER_FILE).is_file() else "sentencepiece"
+    for name in TOKENIZER_FILES[tokenizer_kind]:
+        shutil.copyfile(checkpoint / name, out / name)
 
     mc = model.cfg
     manifest: dict[str, Any] = {
@@ -100,6 +103,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         "opset": OPSET,
         "model_config": mc.to_dict(),
         "special_ids": {"pad": mc.pad_id, "bos": mc.bos_id, "eos": mc.eos_id, "unk": mc.unk_id},
+        "tokenizer": tokenizer_kind,
         "graphs": {
             "encoder": {"file": ENCODER_FILE, **enc_spec.to_dict()},
             "decoder": {"file": DECODER_FILE, **dec_spec.to_dict()},

@@ -144,6 +144,9 @@ class SentencePieceTokenizer:
 
 
 AnyTokenizer = Tokenizer | SentencePieceTokenizer
+# The files of each kind, as an entry's manifest names the kind ("tokenizer"): Rosetta's byte-level BPE, or
+# Marian's SentencePiece models with their joint vocabulary.
+TOKENIZER_FILES = {"bpe": ("tokenizer.json",), "sentencepiece": SentencePieceTokenizer.FILES}
 
 
 def load_tokenizer(folder: str | Path) -> AnyTokenizer:

@@ -46,7 +46,7 @@ from service.engine.entry import ModelEntry, ModelEntryError, read_entry
 from service.engine.runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
 from service.engine.search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
 from service.options import DecodingOptions, TranslationResult
-from service.tokenizer import Tokenizer
+from service.tokenizer import AnyTokenizer
 
 __all__ = ["ABANDONED", "Abandoned", "Engine", "EngineConfig", "EngineObserver", "ModelEntryError",
            "ProviderUnavailable", "StepModel", "batches_by_length", "run_search"]
@@ -170,7 +170,7 @@ class Engine:
         self.name: str = entry.name
         self.version: str = entry.version
         self.manifest: dict[str, Any] = entry.manifest
-        self.tokenizer: Tokenizer = entry.tokenizer
+        self.tokenizer: AnyTokenizer = entry.tokenizer
         self.provider: str = model.device  # "cpu" or "cuda": the one actually in use
         self.workers: int = workers  # concurrent translate_ids calls the threading is sized for
         self.runtime = model  # the sessions; `run_search(engine.runtime, ...)` drives them directly

@@ -25,10 +25,11 @@ import numpy as np
 
 from service import signature as sig
 from service.model_config import ModelConfig
-from service.tokenizer import Tokenizer
+from service.tokenizer import TOKENIZER_FILES, AnyTokenizer, SentencePieceTokenizer, Tokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_KINDS = tuple(TOKENIZER_FILES)  # manifest "tokenizer"
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = ("signature_version", "name", "version", "precision", "model_config", "special_ids",
                  "graphs", "files")
@@ -49,7 +50,7 @@ class ModelEntry:
     float_dtype: str  # "float32" or "float16": element type of the K/V tensors of both graphs
     encoder_file: Path
     decoder_file: Path
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
 
     @property
     def name(self) -> str:
@@ -141,15 +142,21 @@ def read_entry(path: str | Path, expect_name_version: bool = True) -> ModelEntry
         except (sig.SignatureMismatch, KeyError, TypeError) as err:
             raise ModelEntryError(f"{err}" if isinstance(err, sig.SignatureMismatch)
                                   else f"{where}: manifest graphs.{graph} is malformed ({_clip(err)})") from err
-    if TOKENIZER not in manifest["files"]:
-        raise ModelEntryError(f"{where}: {TOKENIZER} has no sha256 in the manifest's files")
+    kind = manifest.get("tokenizer", TOKENIZER_KINDS[0])  # entries from before the key: tokenizer.json
+    if kind not in TOKENIZER_KINDS:
+        raise ModelEntryError(f"{where}: tokenizer kind {_clip(kind)} is not one of {TOKENIZER_KINDS}")
+    names = TOKENIZER_FILES[kind]
+    unlisted = [n for n in names if n not in manifest["files"]]
+    if unlisted:
+        raise ModelEntryError(f"{where}: {', '.join(unlisted)} has no sha256 in the manifest's files")
+    tokenizer: AnyTokenizer
     try:
-        tokenizer = Tokenizer.load(path / TOKENIZER)
-    except Exception as err:  # the tokenizers library raises its own exception types
-        raise ModelEntryError(f"{where}: {TOKENIZER} does not load ({_short(str(err))})") from err
+        tokenizer = Tokenizer.load(path / TOKENIZER) if kind == "bpe" else SentencePieceTokenizer.load(path)
+    except Exception as err:  # the tokenizers and sentencepiece libraries raise their own exception types
+        raise ModelEntryError(f"{where}: the {kind} tokenizer does not load ({_short(str(err))})") from err
     if tokenizer.vocab_size != config.vocab_size:
-        raise ModelEntryError(f"{where}: {TOKENIZER} has {tokenizer.vocab_size} tokens, model_config.vocab_size "
-                              f"is {config.vocab_size}")
+        raise ModelEntryError(f"{where}: the {kind} tokenizer has {tokenizer.vocab_size} tokens, "
+                              f"model_config.vocab_size is {config.vocab_size}")
     return ModelEntry(path, manifest, config, float_dtype, files["encoder"], files["decoder"], tokenizer)
 
 

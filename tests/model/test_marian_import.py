@@ -122,3 +122,99 @@ def _edit(folder: Path, **changes: Any) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(changes)
     (folder / "config.json").write_text(json.dumps(cfg))
+
+
+# -- export and serve an imported model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def marian_entry(imported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.api import export_entry
+
+    return export_entry(imported, tmp_path_factory.mktemp("model_repository") / "opus-mt-tiny" / "1", check=True)
+
+
+def test_exported_entry_records_and_loads_the_sentencepiece_tokenizer(marian_entry: Path) -> None:
+    from service.engine import Engine, EngineConfig
+
+    manifest = json.loads((marian_entry / "manifest.json").read_text())
+    assert manifest["tokenizer"] == "sentencepiece"
+    assert {"source.spm", "target.spm", "vocab.json"} <= set(manifest["files"])
+    assert manifest["parity"]["failures"] == []
+    engine = Engine.load(marian_entry, EngineConfig(provider="cpu", intra_op_threads=1))
+    assert isinstance(engine.tokenizer, SentencePieceTokenizer)
+
+
+def test_greedy_through_the_engine_equals_transformers_generate(marian_folder: Path, marian_entry: Path,
+                                                                data_dir: Path) -> None:
+    """generate(num_beams=1, max_length=64) with Marian's forced eos at the last position and pad banned is
+    Rosetta's greedy search with max_decoding_length=63 (generate counts the decoder start token)."""
+    import gzip
+
+    from service.engine import Engine, EngineConfig
+    from service.options import DecodingOptions
+
+    with gzip.open(data_dir / "val.de.gz", "rt", encoding="utf-8") as f:
+        sentences = [line.strip() for _, line in zip(range(200), f, strict=False)]
+    engine = Engine.load(marian_entry, EngineConfig(provider="cpu", intra_op_threads=1))
+    tok = engine.tokenizer
+    ours = engine.translate_batch(sentences, DecodingOptions(beam_size=1, max_decoding_length=63,
+                                                              max_decoding_length_ratio=0))
+    hf = theirs(marian_folder)
+    expected: list[list[int]] = []
+    for i in range(0, len(sentences), 50):
+        ids = [tok.encode(s) + [tok.eos_id] for s in sentences[i:i + 50]]
+        width = max(map(len, ids))
+        src = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in ids])
+        with torch.no_grad():
+            out = hf.generate(input_ids=src, attention_mask=(src != tok.pad_id).long(), num_beams=1, do_sample=False,
+                              max_length=64, bad_words_ids=[[tok.pad_id]], forced_eos_token_id=tok.eos_id)
+        for row in out.tolist():
+            gen = row[1:]  # the decoder start token
+            expected.append(gen[: gen.index(tok.eos_id)] if tok.eos_id in gen else gen)
+    same = sum(r.hypotheses[0].tokens == e for r, e in zip(ours, expected, strict=True))
+    assert same >= 0.99 * len(sentences), f"{same}/{len(sentences)} identical"
+
+
+def test_a_server_loads_an_imported_model_beside_its_own(marian_entry: Path, tiny_repository_entry: Path,
+                                                         tmp_path: Path) -> None:
+    import asyncio
+
+    import grpc
+
+    from service.config import ServerConfig
+    from service.proto import translate_pb2 as pb
+    from service.proto import translate_pb2_grpc as pb_grpc
+    from service.server import RosettaServer
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(tiny_repository_entry.parent, repository / "tiny")
+    shutil.copytree(marian_entry.parent, repository / "opus-mt-tiny")
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, model_repository=str(repository),
+                          models="tiny/1,opus-mt-tiny/1", intra_op_threads=1, workers=1, warmup=False)
+
+    async def main() -> tuple[pb.ListModelsResponse, pb.TranslateResponse, pb.TranslateResponse]:
+        server = RosettaServer(config)
+        await server.start()
+        await server.load_models()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.TranslatorStub(channel)
+                listed = await stub.ListModels(pb.ListModelsRequest(), timeout=30)
+                request = pb.TranslateRequest(sentences=["Ein Hund läuft im Schnee."],
+                                              options=pb.DecodingOptions(beam_size=2, max_decoding_length=20))
+                request.model = "opus-mt-tiny"
+                marian = await stub.Translate(request, timeout=60)
+                request.model = "tiny"
+                own = await stub.Translate(request, timeout=60)
+                return listed, marian, own
+        finally:
+            await server.drain(1.0)
+
+    listed, marian, own = asyncio.run(main())
+    assert {m.name for m in listed.models} == {"tiny", "opus-mt-tiny"}
+    assert marian.model == "opus-mt-tiny" and own.model == "tiny"
+    engine_tokens = marian.results[0].hypotheses[0].token_ids
+    assert engine_tokens and own.results[0].hypotheses[0].token_ids
+    vocab = json.loads((marian_entry / "vocab.json").read_text(encoding="utf-8"))
+    assert all(0 <= t < len(vocab) for t in engine_tokens)
