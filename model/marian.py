@@ -13,8 +13,10 @@ What Marian's architecture needs is a ModelConfig option (service/model_config.p
 ("swish"), the sinusoidal table laid out sin-half / cos-half ("sinusoidal_split"), `embedding_scale`
 (scale_embedding), `logits_bias` (final_logits_bias), and the special ids of its vocabulary (eos 0,
 unk 1, pad last; decoding starts from pad, so bos_id = pad_id). Everything else is the paper's post-norm
-Transformer with tied embeddings, which Rosetta already is. Anything Rosetta does not support (e.g.
-separate decoder embeddings, different encoder and decoder widths) is refused by name.
+Transformer with tied embeddings, which Rosetta already is; a decoder with embeddings of its own
+(share_encoder_decoder_embeddings false) maps to tie_embeddings off with `tie_output`. Anything Rosetta does
+not support (e.g. separate source and target vocabularies, different encoder and decoder widths) is refused
+by name.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def marian_model_config(hf: dict[str, Any], vocab: dict[str, int], where: str) -
          "encoder and decoder attention heads differ")
     need(hf.get("encoder_ffn_dim") == hf.get("decoder_ffn_dim"), "encoder and decoder ffn dims differ")
     need(hf.get("activation_function") in ACTIVATIONS, f"activation {hf.get('activation_function')!r}")
-    need(hf.get("share_encoder_decoder_embeddings", True), "separate encoder and decoder embeddings")
     need(hf.get("tie_word_embeddings", True), "an output projection not tied to the embeddings")
+    shared = bool(hf.get("share_encoder_decoder_embeddings", True))
     need(not hf.get("normalize_before", False), "pre-norm layers")
     need(not hf.get("add_bias_logits", False), "add_bias_logits")
     need(hf.get("decoder_vocab_size") in (None, hf.get("vocab_size")), "a decoder vocabulary of its own")
@@ -70,15 +72,19 @@ def marian_model_config(hf: dict[str, Any], vocab: dict[str, int], where: str) -
         d_ff=int(hf["encoder_ffn_dim"]), dropout=float(hf.get("dropout", 0.1)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
         activation=ACTIVATIONS[hf["activation_function"]], norm_first=False, positional="sinusoidal_split",
-        tie_embeddings=True, embedding_scale=bool(hf.get("scale_embedding", False)), logits_bias=True,
+        tie_embeddings=shared, tie_output=not shared, embedding_scale=bool(hf.get("scale_embedding", False)),
+        logits_bias=True,
         max_positions=int(hf.get("max_position_embeddings", 512)), pad_id=pad,
         bos_id=int(hf.get("decoder_start_token_id", pad)), eos_id=eos, unk_id=int(vocab["<unk>"]))
 
 
 def rosetta_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Marian's parameter names -> Rosetta's (model/transformer.py)."""
-    shared = hf_state["model.shared.weight"]
-    out = {"src_embed.token.weight": shared, "tgt_embed.token.weight": shared,  # tied: one tensor
+    if cfg.tie_embeddings:
+        src = tgt = hf_state["model.shared.weight"]  # tied: one tensor
+    else:  # the decoder has its own, which the output projection reuses (tie_output)
+        src, tgt = hf_state["model.encoder.embed_tokens.weight"], hf_state["model.decoder.embed_tokens.weight"]
+    out = {"src_embed.token.weight": src, "tgt_embed.token.weight": tgt,
            "logits_bias": hf_state["final_logits_bias"].reshape(-1)}
     attn = ("q_proj", "k_proj", "v_proj", "out_proj")
     for side, n, subs in (("encoder", cfg.encoder_layers, ("self_attn_layer_norm", "final_layer_norm")),

@@ -247,7 +247,7 @@ class Transformer(nn.Module):
         # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalized.
         self.encoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
-        self.generator = None if cfg.tie_embeddings else nn.Linear(d, v, bias=False)
+        self.generator = None if cfg.tie_embeddings or cfg.tie_output else nn.Linear(d, v, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(v)) if cfg.logits_bias else None
         self._init_weights()
 

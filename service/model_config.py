@@ -37,6 +37,9 @@ class ModelConfig:
     # first half of the dims and cos in the second: Marian) or "learned"
     positional: str = "sinusoidal"
     tie_embeddings: bool = True  # share source, target and output-projection weights
+    # with tie_embeddings off: the output projection still reuses the target embedding (Marian models whose
+    # decoder has embeddings of its own); off too: a projection of its own
+    tie_output: bool = False
     embedding_scale: bool = True  # token embeddings times sqrt(d_model) (paper; Marian's scale_embedding)
     logits_bias: bool = False  # a learned (vocab,) bias added to the output logits (Marian's final_logits_bias)
     max_positions: int = 512  # longest sequence the positional table covers

@@ -95,10 +95,10 @@ def test_a_folder_that_is_not_marian_is_refused_and_leaves_nothing(marian_folder
 @pytest.mark.parametrize("change,message", [
     (lambda f: (f / "target.spm").unlink(), "missing tokenizer file"),
     (lambda f: (f / "config.json").unlink(), "no config.json"),
-    (lambda f: _edit(f, share_encoder_decoder_embeddings=False), "separate encoder and decoder embeddings"),
+    (lambda f: _edit(f, tie_word_embeddings=False), "not tied to the embeddings"),
     (lambda f: _edit(f, decoder_ffn_dim=128), "ffn dims differ"),
     (lambda f: _edit(f, vocab_size=20, decoder_vocab_size=20), "does not belong to this model"),
-], ids=["no-target-spm", "no-config", "separate-embeddings", "ffn-dims", "vocab-mismatch"])
+], ids=["no-target-spm", "no-config", "untied-output", "ffn-dims", "vocab-mismatch"])
 def test_bad_folders_get_a_clear_error_naming_the_problem(marian_folder: Path, tmp_path: Path, change: Any,
                                                           message: str) -> None:
     bad = tmp_path / "m"
@@ -225,3 +225,30 @@ def test_a_server_loads_an_imported_model_beside_its_own(marian_entry: Path, tin
     assert engine_tokens and own.results[0].hypotheses[0].token_ids
     vocab = json.loads((marian_entry / "vocab.json").read_text(encoding="utf-8"))
     assert all(0 <= t < len(vocab) for t in engine_tokens)
+
+
+def test_a_decoder_with_embeddings_of_its_own_imports_with_equal_logits(marian_files: Path, tmp_path: Path) -> None:
+    """share_encoder_decoder_embeddings=False: the decoder's embeddings, also the output projection's."""
+    vocab = json.loads((marian_files / "vocab.json").read_text(encoding="utf-8"))
+    config = transformers.MarianConfig(
+        vocab_size=max(vocab.values()) + 1, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, activation_function="gelu",
+        scale_embedding=False, max_position_embeddings=64, pad_token_id=vocab["<pad>"], eos_token_id=0,
+        decoder_start_token_id=vocab["<pad>"], share_encoder_decoder_embeddings=False)
+    torch.manual_seed(1)
+    hf = transformers.MarianMTModel(config).eval()
+    folder = tmp_path / "separate"
+    hf.save_pretrained(str(folder))
+    for name in ("source.spm", "target.spm", "vocab.json"):
+        shutil.copyfile(marian_files / name, folder / name)
+    hf = theirs(folder)
+    enc, dec = hf.model.encoder.embed_tokens.weight, hf.model.decoder.embed_tokens.weight
+    assert not torch.equal(enc, dec)  # really two tables
+    model, tok = load_checkpoint(import_marian(folder, tmp_path / "ckpt"))
+    assert model.cfg.tie_output and not model.cfg.tie_embeddings
+    src = torch.tensor([tok.encode("Zwei Hunde spielen.") + [tok.eos_id, tok.pad_id, tok.pad_id]])
+    tgt_in = torch.tensor([[tok.bos_id] + tok.encode_target("Two dogs play.")])
+    with torch.no_grad():
+        ours = model(src, tgt_in)
+        expected = hf(input_ids=src, attention_mask=(src != tok.pad_id).long(), decoder_input_ids=tgt_in).logits
+    assert torch.allclose(ours, expected, atol=1e-4), float((ours - expected).abs().max())
