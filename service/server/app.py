@@ -135,6 +135,8 @@ class RosettaServer:
         """Health NOT_SERVING; keep serving for drain_delay_s; stop accepting calls and give the ones in
         flight `grace_s` (default drain_grace_s) to finish; then stop schedulers and /metrics."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
+        if self.config.drain_delay_s <= 0:  # no delay: refuse new calls before anything awaits
+            self.translator.draining = True
         await self.health.enter_graceful_shutdown()
         if self.config.drain_delay_s > 0:
             await asyncio.sleep(self.config.drain_delay_s)

@@ -88,6 +88,8 @@ def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(tiny_entry: Path
             try:
                 stubs[0].Translate(pb.TranslateRequest(sentences=["Hallo."]), timeout=5)
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # accepted just before the drain began, then queued behind the long calls
                 refused = err.code()
                 break
             time.sleep(0.02)
