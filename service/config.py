@@ -85,6 +85,9 @@ class ServerConfig:
     # cap, the model's positions); its KV-cache bytes follow from the model's layers, width and precision.
     max_request_decode_tokens: int = 131072  # sum over a request's sentences of beam_size x length cap
     max_batch_kv_bytes: int = 128 * 1024 * 1024  # KV cache of one engine batch; a sentence over it alone is refused
+    # DecodingOptions.partial_at_deadline: decoding stops this long before the call's deadline, so the best
+    # hypothesis so far reaches the client in time (one decoder step and the answer must fit in it)
+    partial_margin_ms: float = 100.0
     # Lifecycle
     drain_grace_s: float = 20.0  # after SIGTERM: time in-flight requests get to finish; then their work stops
     drain_delay_s: float = 0.0  # after SIGTERM: keep serving this long with health NOT_SERVING first
@@ -109,7 +112,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s"):
+        for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s", "partial_margin_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:

@@ -17,6 +17,8 @@ class DecodingOptions:
     min_decoding_length: int = 0  # eos is blocked until this many tokens were generated
     num_hypotheses: int = 1  # n-best size returned per sentence (<= beam_size)
     return_scores: bool = True
+    # With a deadline: stop shortly before it and return the best hypothesis so far (finish reason "deadline")
+    partial_at_deadline: bool = False
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -55,7 +57,7 @@ class Hypothesis:
 @dataclass(frozen=True)
 class TranslationResult:
     hypotheses: list[Hypothesis]  # best first, num_hypotheses of them
-    finish_reason: str  # "eos" or "length" (of the best hypothesis)
+    finish_reason: str  # "eos", "length", "deadline" (stopped early, partial_at_deadline) or "abandoned"
 
 
 NEG_INF = -math.inf

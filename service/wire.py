@@ -21,6 +21,7 @@ OPTION_FIELDS = {  # proto DecodingOptions field -> service.options.DecodingOpti
     "min_decoding_length": "min_decoding_length",
     "num_hypotheses": "num_hypotheses",
     "return_scores": "return_scores",
+    "partial_at_deadline": "partial_at_deadline",
 }
 _TO_PB = {ours: theirs for theirs, ours in OPTION_FIELDS.items()}
 
@@ -28,6 +29,7 @@ FINISH_REASONS = {  # plain name (TranslationResult.finish_reason, plus "empty")
     "eos": pb.FINISH_REASON_EOS,
     "length": pb.FINISH_REASON_LENGTH,
     "empty": pb.FINISH_REASON_EMPTY_INPUT,
+    "deadline": pb.FINISH_REASON_DEADLINE,
 }
 _FROM_PB: dict[int, str] = {int(v): k for k, v in FINISH_REASONS.items()}
 

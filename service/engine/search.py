@@ -78,13 +78,15 @@ class Search(Protocol):
 
     def advance(self, scores: StepScores) -> StepRequest | None: ...
 
-    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None: ...
+    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None: ...
 
     def results(self) -> list[TranslationResult]: ...
 
 
 ABANDONED = "abandoned"
 """finish_reason of a sentence that `Search.drop` removed (its caller is gone): no hypotheses."""
+DEADLINE = "deadline"
+"""finish_reason of a sentence `Search.drop` stopped with `partial`: its best hypotheses so far."""
 
 
 def _without(request: StepRequest, keep_sentences: np.ndarray, rows: np.ndarray, prev_live: int) -> StepRequest:
@@ -171,14 +173,20 @@ class GreedySearch:
         self.alive = self.alive[keep_a]
         return StepRequest(self._step, best[keep_a].reshape(-1, 1), keep_a, keep_a if changed else None, self.topk)
 
-    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None:
+    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None:
         """`request` (the last one `advance` returned) without the live sentences whose original index is
-        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED). None when none is left."""
+        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED), or, where `partial` (B,)
+        is True too, with their tokens so far (finish reason DEADLINE). None when none is left."""
         lost = gone[self.alive]  # (R,) one row per sentence
         if not lost.any():
             return request
         for orig in self.alive[lost].tolist():
-            self._results[orig] = TranslationResult([], ABANDONED)
+            if partial is not None and partial[orig]:
+                tokens, lp = self.tokens[orig], float(self.log_probs[orig])
+                hyp = Hypothesis(list(tokens), self.options.normalize(lp, max(1, len(tokens))), lp)
+                self._results[orig] = TranslationResult([hyp], DEADLINE)
+            else:
+                self._results[orig] = TranslationResult([], ABANDONED)
         prev_live = self.alive.size if request.sentences is None else -1
         keep = np.flatnonzero(~lost)
         self.alive = self.alive[keep]
@@ -216,6 +224,7 @@ class BeamSearch:
         self._first_k = (np.arange(2 * self.k) < self.k)[None, :]  # (1, 2K) ranks where eos may finish
         self._beam_cache: dict[tuple[int, int], np.ndarray] = {}
         self._abandoned: set[int] = set()  # original indices removed by drop()
+        self._partial: set[int] = set()  # original indices stopped by drop() with their best so far
 
     def start(self) -> StepRequest:
         b = self.alive.size
@@ -280,15 +289,26 @@ class BeamSearch:
         self.history = np.concatenate([self.history[cache_index], tokens_in], axis=1)
         return StepRequest(length, tokens_in, cache_index, sentences, self.topk)
 
-    def drop(self, request: StepRequest, gone: np.ndarray) -> StepRequest | None:
+    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None:
         """`request` (the last one `advance` returned) without the live sentences whose original index is
-        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED). None when none is left."""
+        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED), or, where `partial` (B,)
+        is True too, with their best hypotheses so far: finished ones and live rows, the live ones scored at
+        their current length (finish reason DEADLINE). None when none is left."""
         lost = gone[self.alive]  # (B',)
         if not lost.any():
             return request
-        for orig in self.alive[lost].tolist():
-            self.finished[orig] = []
-            self._abandoned.add(orig)
+        length = self.history.shape[1]  # tokens every live row holds now
+        for j in np.flatnonzero(lost).tolist():
+            orig = int(self.alive[j])
+            if partial is not None and partial[orig]:
+                live = [_Finished(self.options.normalize(float(sc), max(1, length)), float(sc),
+                                  self.history[j * self.k + r].tolist(), DEADLINE)
+                        for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
+                self.finished[orig] = [*self.finished[orig], *live]
+                self._partial.add(orig)
+            else:
+                self.finished[orig] = []
+                self._abandoned.add(orig)
         prev_live = self.alive.size if request.sentences is None else -1
         keep = np.flatnonzero(~lost)
         rows = (keep[:, None] * self.k + np.arange(self.k)[None, :]).reshape(-1)  # K rows per sentence
@@ -304,8 +324,16 @@ class BeamSearch:
         return self._beam_cache[key]
 
     def results(self) -> list[TranslationResult]:
-        return [TranslationResult([], ABANDONED) if i in self._abandoned else _result(f, self.options)
-                for i, f in enumerate(self.finished)]
+        out = []
+        for i, f in enumerate(self.finished):
+            if i in self._abandoned:
+                out.append(TranslationResult([], ABANDONED))
+            elif i in self._partial:
+                best = _result(f, self.options)
+                out.append(TranslationResult(best.hypotheses, DEADLINE))
+            else:
+                out.append(_result(f, self.options))
+        return out
 
 
 def _sentence_done(finished: list[_Finished], best_live: float, length: int, k: int,

@@ -13,13 +13,15 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_EMPTY_INPUT: _ClassVar[FinishReason]
+    FINISH_REASON_DEADLINE: _ClassVar[FinishReason]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EMPTY_INPUT: FinishReason
+FINISH_REASON_DEADLINE: FinishReason
 
 class DecodingOptions(_message.Message):
-    __slots__ = ("beam_size", "length_penalty", "max_decoding_length", "max_decoding_length_ratio", "max_decoding_length_offset_tokens", "min_decoding_length", "num_hypotheses", "return_scores")
+    __slots__ = ("beam_size", "length_penalty", "max_decoding_length", "max_decoding_length_ratio", "max_decoding_length_offset_tokens", "min_decoding_length", "num_hypotheses", "return_scores", "partial_at_deadline")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODING_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +30,7 @@ class DecodingOptions(_message.Message):
     MIN_DECODING_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NUM_HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_AT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     length_penalty: float
     max_decoding_length: int
@@ -36,7 +39,8 @@ class DecodingOptions(_message.Message):
     min_decoding_length: int
     num_hypotheses: int
     return_scores: bool
-    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_decoding_length: _Optional[int] = ..., max_decoding_length_ratio: _Optional[float] = ..., max_decoding_length_offset_tokens: _Optional[int] = ..., min_decoding_length: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., return_scores: _Optional[bool] = ...) -> None: ...
+    partial_at_deadline: bool
+    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_decoding_length: _Optional[int] = ..., max_decoding_length_ratio: _Optional[float] = ..., max_decoding_length_offset_tokens: _Optional[int] = ..., min_decoding_length: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., return_scores: _Optional[bool] = ..., partial_at_deadline: _Optional[bool] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("sentences", "model", "options")

@@ -64,7 +64,8 @@ def make_runner(engine: Any, observer: ModelMetrics) -> BatchRunner:
                     for h in res.hypotheses]
             out.append(SentenceTranslation(hyps, res.finish_reason, len(ids)))
         done = [(ids, s) for ids, s in zip(sources, out, strict=True) if s is not None]
-        observer.on_tokens(sum(len(ids) for ids, _ in done), sum(len(s.hypotheses[0].token_ids) for _, s in done))
+        observer.on_tokens(sum(len(ids) for ids, _ in done),
+                           sum(len(s.hypotheses[0].token_ids) for _, s in done if s.hypotheses))
         return out
 
     return run
@@ -89,7 +90,7 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
     runners = [make_runner(engine, model_metrics) for _ in range(config.workers or engine.workers)]
     scheduler = Scheduler(runners, SchedulerConfig(config.max_batch_sentences, config.max_batch_tokens,
                                                    config.max_wait_ms, config.max_queue_sentences,
-                                                   config.max_batch_kv_bytes),
+                                                   config.max_batch_kv_bytes, config.partial_margin_ms / 1000),
                           observer=model_metrics, name=engine.name,
                           on_idle=trim_memory if config.trim_memory_when_idle else None)
     manifest = dict(engine.manifest)

@@ -72,6 +72,7 @@ class SchedulerConfig:
     max_wait_ms: float = 5.0  # longest wait of the oldest sentence for a fuller batch
     max_queue_sentences: int = 2048  # queued (not yet running) sentences; beyond it QueueFull
     max_batch_kv_bytes: int = 1 << 62  # sum of the sentences' kv_bytes per batch (submit); a lone one may exceed it
+    partial_margin_s: float = 0.1  # partial_at_deadline: stop this long before the deadline, so the answer is in time
 
     def __post_init__(self) -> None:
         if min(self.max_batch_sentences, self.max_batch_tokens, self.max_queue_sentences, self.max_batch_kv_bytes) < 1:
@@ -365,7 +366,7 @@ class Scheduler:
                     self._observer.on_queue_wait(start - it.enqueued_at)
                 self._observer.on_batch(len(batch), sum(it.tokens for it in batch), len(batch) * batch[-1].tokens)
             loop = asyncio.get_running_loop()
-            watch = _BatchWatch(batch)
+            watch = _BatchWatch(batch, self.config.partial_margin_s if options.partial_at_deadline else None)
             self._watches.add(watch)
             try:
                 results = await loop.run_in_executor(self._executor, runner, sources, options, watch.gone)
@@ -415,6 +416,9 @@ def _drop_reason(ticket: Ticket, now: float) -> str:
     return DEADLINE if expired else CANCELLED
 
 
+STOP_PARTIAL = 2  # an Abandoned code (service.engine.engine): stop now with the best hypothesis so far
+
+
 class _BatchWatch:
     """Which sentences of a running batch nobody waits for any more; read from the decoding thread.
 
@@ -422,11 +426,13 @@ class _BatchWatch:
     cancelled, or its deadline made gRPC cancel it); the decoding thread also compares the deadlines
     with the clock itself, and `abort()` (scheduler closing) stops them all."""
 
-    def __init__(self, batch: list[_Item]) -> None:
+    def __init__(self, batch: list[_Item], partial_margin_s: float | None = None) -> None:
         self.flags = np.zeros(len(batch), dtype=bool)
         self.deadlines = np.array([it.ticket.deadline if it.ticket.deadline is not None else np.inf
                                    for it in batch], dtype=np.float64)
-        self.first_deadline = float(self.deadlines.min())
+        # partial_at_deadline (the whole batch shares its options): stop `margin` early with the best so far
+        self.margin = partial_margin_s
+        self.first_deadline = float(self.deadlines.min()) - (partial_margin_s or 0.0)
         self.changed = False  # a flag was set since the batch started
         self.aborted = False
         for i, it in enumerate(batch):
@@ -441,10 +447,15 @@ class _BatchWatch:
 
     def gone(self) -> np.ndarray | None:
         """(B,) bool: True for the sentences to stop; None when every one is still wanted (the common case,
-        answered without allocating)."""
+        answered without allocating). With a partial margin: int8 codes, 1 abandon, 2 stop with the best so
+        far once the deadline is within the margin."""
         if self.aborted:
             return np.ones(self.flags.size, dtype=bool)
         now = time.monotonic()
         if not self.changed and now < self.first_deadline:
             return None
-        return self.flags | (self.deadlines <= now)
+        if self.margin is None:
+            return self.flags | (self.deadlines <= now)
+        codes = np.where(self.deadlines - self.margin <= now, STOP_PARTIAL, 0).astype(np.int8)
+        codes[self.flags] = 1  # a call already gone (cancelled, or gRPC's deadline fired first) is abandoned
+        return codes

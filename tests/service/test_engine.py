@@ -438,3 +438,28 @@ def test_kv_bytes_bound_the_cache_of_a_sentence(engine: Engine) -> None:
     assert caps == [min(500, engine.max_target_tokens)] * 2
     per_token = 2 * cfg.decoder_layers * cfg.d_model * 4  # fp32 K and V of every decoder layer
     assert engine.kv_bytes(10, 4, 20) == per_token * (4 * 20 + 11)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_sentence_stopped_at_its_deadline_keeps_its_best_hypothesis_so_far(
+        engine: Engine, sources: list[list[int]], beam_size: int) -> None:
+    options = DecodingOptions(beam_size=beam_size, num_hypotheses=min(2, beam_size), min_decoding_length=10,
+                              max_decoding_length=30)
+    batch = sources[:4]
+    expected = engine.translate_ids(batch, options)
+    asked: list[int] = []
+    codes = np.zeros(len(batch), dtype=np.int8)
+    codes[2] = 2  # stop with the best so far
+
+    def abandoned() -> np.ndarray | None:
+        asked.append(1)
+        return codes if len(asked) >= 6 else None  # before the encoder, then after steps 0..4: 5 steps ran
+
+    got = engine.translate_ids(batch, options, abandoned=abandoned)
+    stopped = got[2]
+    assert stopped.finish_reason == "deadline" and stopped.hypotheses
+    assert all(len(h.tokens) == 5 and np.isfinite(h.score) for h in stopped.hypotheses)  # eos blocked: all live
+    if beam_size == 1:  # greedy: exactly the first tokens of the undisturbed decoding
+        assert stopped.hypotheses[0].tokens == expected[2].hypotheses[0].tokens[:5]
+    for i in (0, 1, 3):
+        assert [h.tokens for h in got[i].hypotheses] == [h.tokens for h in expected[i].hypotheses]

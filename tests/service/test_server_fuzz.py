@@ -29,7 +29,8 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None
 def options(draw: Any) -> pb.DecodingOptions:
     fields = {"beam_size": INT32, "length_penalty": FLOAT32, "max_decoding_length": INT32,
               "max_decoding_length_ratio": FLOAT32, "max_decoding_length_offset_tokens": INT32,
-              "min_decoding_length": INT32, "num_hypotheses": INT32, "return_scores": st.booleans()}
+              "min_decoding_length": INT32, "num_hypotheses": INT32, "return_scores": st.booleans(),
+              "partial_at_deadline": st.booleans()}
     chosen = draw(st.dictionaries(st.sampled_from(sorted(fields)), st.none(), max_size=len(fields)))
     return pb.DecodingOptions(**{name: draw(fields[name]) for name in chosen})
 

@@ -297,3 +297,27 @@ def test_abuse_in_parallel_leaves_good_calls_served(start_server: Any, german: l
             t.join(30)
     assert bad_codes <= {"INVALID_ARGUMENT", "DEADLINE_EXCEEDED"}
     assert "UNKNOWN" not in bad_codes and "INTERNAL" not in bad_codes
+
+
+# -- a deadline can return the best hypotheses so far ----------------------------------------------------
+
+
+def test_partial_at_deadline_answers_ok_with_the_best_so_far(one_worker: Any, german: list[str]) -> None:
+    options = pb.DecodingOptions(beam_size=16, num_hypotheses=2, min_decoding_length=250, max_decoding_length=255,
+                                 partial_at_deadline=True)  # HEAVY, answered with what it has 0.1 s before 0.4 s
+    reply = one_worker.stub().Translate(pb.TranslateRequest(sentences=german[:8], options=options), timeout=0.4)
+    assert len(reply.results) == 8
+    for result in reply.results:
+        assert result.finish_reason == pb.FINISH_REASON_DEADLINE
+        assert len(result.hypotheses) == 2
+        assert all(0 < len(h.token_ids) < 250 and math.isfinite(h.score) for h in result.hypotheses)
+    assert steps(one_worker) < 250
+    assert one_worker.metric("rosetta_requests_total", model="tiny", code="OK") == 1
+    assert one_worker.metric("rosetta_requests_total", model="tiny", code="DEADLINE_EXCEEDED") == 0
+
+
+def test_without_partial_at_deadline_the_same_call_fails_deadline_exceeded(one_worker: Any,
+                                                                           german: list[str]) -> None:
+    code, _ = code_of(lambda: one_worker.stub().Translate(pb.TranslateRequest(sentences=german[:8], options=HEAVY),
+                                                          timeout=0.4))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
