@@ -19,7 +19,6 @@ import argparse
 import json
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ import grpc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from loadgen import terminate  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 
 from service.proto import translate_pb2 as pb  # noqa: E402
 from service.proto import translate_pb2_grpc as pb_grpc  # noqa: E402
@@ -102,8 +103,7 @@ def run(repo: Path, calls: int, flags: list[str], deadline_s: float) -> dict[str
     after_idle = rss_mib(proc.pid)
     stop.set()
     sampler.join()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    terminate(proc)
     return {"repo": str(repo), "deadline_s": deadline_s, "heavy_statuses": codes, "good_status": good_code,
             "good_latency_s": round(good_latency, 2), "decoding_after_deadline_s": round(busy_after_deadline, 1),
             "rss_before_mib": round(before), "rss_peak_mib": round(max(r for _, r in samples)),

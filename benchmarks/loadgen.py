@@ -284,12 +284,18 @@ class SpawnedServer:
             raise RuntimeError(f"server did not start: {line}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:  # type: ignore[type-arg]
+    """SIGTERM (the server drains), then SIGKILL if it is still there after `timeout_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def read_sentences(path: Path, limit: int) -> list[str]:

@@ -42,7 +42,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -57,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from loadgen import percentile, read_sentences  # noqa: E402
+from loadgen import percentile, read_sentences, terminate  # noqa: E402
 
 from service.proto import translate_pb2 as pb  # noqa: E402
 from service.proto import translate_pb2_grpc as pb_grpc  # noqa: E402
@@ -306,13 +305,7 @@ class Server:
     def stop(self) -> tuple[int | None, float]:
         """SIGTERM, then wait for the drain; (exit status, seconds it took)."""
         t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._reader.join(5)
         return self.proc.returncode, time.perf_counter() - t0
 

@@ -19,13 +19,11 @@ from export.manifest import (
     DECODER_FILE,
     ENCODER_FILE,
     MANIFEST,
-    TOKENIZER_FILE,
     library_versions,
     read_manifest,
     write_manifest,
 )
 from service import signature as sig
-from service.tokenizer import TOKENIZER_FILES
 
 __all__ = ["ExportConfig", "export_entry", "export_repository"]
 
@@ -57,7 +55,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
     out.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
-    model, _ = load_checkpoint(checkpoint)
+    model, tokenizer = load_checkpoint(checkpoint)
     float_dtype = "float16" if cfg.precision == "fp16" else "float32"
     if cfg.precision == "fp16":
         model = model.half()
@@ -88,8 +86,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         sig.check_onnx(DECODER_FILE, dec_spec, dec_path)
         shutil.copyfile(enc_path, out / ENCODER_FILE)
         shutil.copyfile(dec_path, out / DECODER_FILE)
-    tokenizer_kind = "bpe" if (checkpoint / TOKENIZER_FILE).is_file() else "sentencepiece"
-    for name in TOKENIZER_FILES[tokenizer_kind]:
+    for name in tokenizer.FILES:  # copied as they are: their sha256 go into the manifest
         shutil.copyfile(checkpoint / name, out / name)
 
     mc = model.cfg
@@ -103,7 +100,7 @@ def export_entry(checkpoint: str | Path, out: str | Path, config: ExportConfig |
         "opset": OPSET,
         "model_config": mc.to_dict(),
         "special_ids": {"pad": mc.pad_id, "bos": mc.bos_id, "eos": mc.eos_id, "unk": mc.unk_id},
-        "tokenizer": tokenizer_kind,
+        "tokenizer": tokenizer.kind,
         "graphs": {
             "encoder": {"file": ENCODER_FILE, **enc_spec.to_dict()},
             "decoder": {"file": DECODER_FILE, **dec_spec.to_dict()},

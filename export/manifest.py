@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE = "encoder.onnx", "decoder.onnx", "tokenizer.json"
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

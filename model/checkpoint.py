@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from service.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
+from service.tokenizer import AnyTokenizer, load_tokenizer
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def state_tensors(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -39,10 +39,7 @@ def save_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_tensors(model, dtype), str(path / WEIGHTS), metadata=metadata or {})
     model.cfg.save(path / CONFIG)
-    if isinstance(tokenizer, Tokenizer):
-        tokenizer.save(path / TOKENIZER)
-    else:
-        tokenizer.save_files(path)
+    tokenizer.save_files(path)
 
 
 def load_weights(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:

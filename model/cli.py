@@ -62,11 +62,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_marian(args: argparse.Namespace) -> int:
-    from model.marian import ImportError_, import_marian
+    from model.marian import MarianImportError, import_marian
 
     try:
         print(import_marian(args.folder, args.out))
-    except ImportError_ as err:
+    except MarianImportError as err:
         print(f"rosetta import marian: {err}")
         return 1
     return 0

@@ -37,16 +37,16 @@ TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json")
 ACTIVATIONS = {"swish": "swish", "silu": "swish", "gelu": "gelu", "relu": "relu"}
 
 
-class ImportError_(ValueError):
+class MarianImportError(ValueError):
     """The folder cannot be imported; the message names the folder and what is wrong."""
 
 
 def marian_model_config(hf: dict[str, Any], vocab: dict[str, int], where: str) -> ModelConfig:
-    """The ModelConfig of a transformers MarianConfig (as read from config.json); ImportError_ for an
+    """The ModelConfig of a transformers MarianConfig (as read from config.json); MarianImportError for an
     architecture Rosetta does not support."""
     def need(ok: bool, what: str) -> None:
         if not ok:
-            raise ImportError_(f"{where}: unsupported Marian architecture: {what}")
+            raise MarianImportError(f"{where}: unsupported Marian architecture: {what}")
 
     need(hf.get("encoder_attention_heads") == hf.get("decoder_attention_heads"),
          "encoder and decoder attention heads differ")
@@ -58,14 +58,14 @@ def marian_model_config(hf: dict[str, Any], vocab: dict[str, int], where: str) -
     need(not hf.get("add_bias_logits", False), "add_bias_logits")
     need(hf.get("decoder_vocab_size") in (None, hf.get("vocab_size")), "a decoder vocabulary of its own")
     if "<unk>" not in vocab:
-        raise ImportError_(f"{where}: vocab.json has no <unk>")
+        raise MarianImportError(f"{where}: vocab.json has no <unk>")
     if max(vocab.values()) >= int(hf["vocab_size"]):
-        raise ImportError_(f"{where}: vocab.json has ids up to {max(vocab.values())}, config.json vocab_size is "
+        raise MarianImportError(f"{where}: vocab.json has ids up to {max(vocab.values())}, config.json vocab_size is "
                            f"{hf['vocab_size']}: the tokenizer does not belong to this model")
     pad, eos = int(hf["pad_token_id"]), int(hf["eos_token_id"])
     for token, want in (("<pad>", pad), ("</s>", eos)):
         if vocab.get(token) != want:
-            raise ImportError_(f"{where}: vocab.json has {token} at {vocab.get(token)}, config.json at {want}")
+            raise MarianImportError(f"{where}: vocab.json has {token} at {vocab.get(token)}, config.json at {want}")
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), heads=int(hf["encoder_attention_heads"]),
         encoder_layers=int(hf["encoder_layers"]), decoder_layers=int(hf["decoder_layers"]),
@@ -110,16 +110,16 @@ def load_marian(folder: Path) -> tuple[Transformer, dict[str, int]]:
     where = f"marian folder {folder}"
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ImportError_(f"{where}: no config.json (not a transformers model folder)")
+        raise MarianImportError(f"{where}: no config.json (not a transformers model folder)")
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ImportError_(f"{where}: config.json is not valid JSON ({err})") from err
+        raise MarianImportError(f"{where}: config.json is not valid JSON ({err})") from err
     if hf.get("model_type") != "marian":
-        raise ImportError_(f"{where}: config.json model_type is {hf.get('model_type')!r}, not 'marian'")
+        raise MarianImportError(f"{where}: config.json model_type is {hf.get('model_type')!r}, not 'marian'")
     missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
     if missing:
-        raise ImportError_(f"{where}: missing tokenizer file(s) {', '.join(missing)}")
+        raise MarianImportError(f"{where}: missing tokenizer file(s) {', '.join(missing)}")
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     cfg = marian_model_config(hf, vocab, where)
 
@@ -128,13 +128,13 @@ def load_marian(folder: Path) -> tuple[Transformer, dict[str, int]]:
     try:
         theirs = MarianMTModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ImportError_(f"{where}: the weights do not load ({str(err)[:300]})") from err
+        raise MarianImportError(f"{where}: the weights do not load ({str(err)[:300]})") from err
     hf_state = {k: v.detach() for k, v in theirs.state_dict().items()}
     table = sinusoidal_table(cfg.max_positions, cfg.d_model, split=True)
     for side in ("encoder", "decoder"):
         stored = hf_state[f"model.{side}.embed_positions.weight"]
         if not torch.allclose(stored, table, atol=1e-5):
-            raise ImportError_(f"{where}: the {side}'s position table is not Marian's sinusoidal one")
+            raise MarianImportError(f"{where}: the {side}'s position table is not Marian's sinusoidal one")
     model = Transformer(cfg)
     model.load_state_dict(rosetta_state(hf_state, cfg), strict=True)
     return model.eval(), vocab
@@ -144,7 +144,7 @@ def import_marian(folder: str | Path, out: str | Path) -> Path:
     """Write the Rosetta checkpoint of the Marian model in `folder` to `out` (which must not exist)."""
     folder, out = Path(folder), Path(out)
     if out.exists():
-        raise ImportError_(f"{out} exists: choose a new checkpoint folder")
+        raise MarianImportError(f"{out} exists: choose a new checkpoint folder")
     model, _ = load_marian(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -23,6 +23,9 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0..3, in this order
 class Tokenizer:
     """Text <-> subword ids. Special ids: pad 0, bos 1, eos 2, unk 3."""
 
+    kind = "bpe"  # an entry manifest's "tokenizer"
+    FILES = ("tokenizer.json",)
+
     def __init__(self, hf: _HFTokenizer) -> None:
         self._hf = hf
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
@@ -36,6 +39,10 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         self._hf.save(str(path))
+
+    def save_files(self, folder: str | Path) -> None:
+        """Write tokenizer.json into `folder`."""
+        self.save(Path(folder) / self.FILES[0])
 
     @property
     def vocab_size(self) -> int:
@@ -146,15 +153,20 @@ class SentencePieceTokenizer:
 AnyTokenizer = Tokenizer | SentencePieceTokenizer
 # The files of each kind, as an entry's manifest names the kind ("tokenizer"): Rosetta's byte-level BPE, or
 # Marian's SentencePiece models with their joint vocabulary.
-TOKENIZER_FILES = {"bpe": ("tokenizer.json",), "sentencepiece": SentencePieceTokenizer.FILES}
+TOKENIZER_FILES = {cls.kind: cls.FILES for cls in (Tokenizer, SentencePieceTokenizer)}
 
 
-def load_tokenizer(folder: str | Path) -> AnyTokenizer:
-    """The tokenizer a checkpoint or entry folder holds: tokenizer.json (Rosetta's), or Marian's
-    source.spm + target.spm + vocab.json. ValueError when it holds neither."""
+def load_tokenizer(folder: str | Path, kind: str | None = None) -> AnyTokenizer:
+    """The tokenizer of `kind` ("bpe" or "sentencepiece") a checkpoint or entry folder holds; without a
+    kind, the one its files show. ValueError when it holds none."""
     folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.load(folder / "tokenizer.json")
-    if any((folder / f).exists() for f in SentencePieceTokenizer.FILES):
-        return SentencePieceTokenizer.load(folder)
-    raise ValueError(f"{folder}: no tokenizer (tokenizer.json, or {', '.join(SentencePieceTokenizer.FILES)})")
+    if kind is None:
+        if (folder / Tokenizer.FILES[0]).is_file():
+            kind = Tokenizer.kind
+        elif any((folder / f).exists() for f in SentencePieceTokenizer.FILES):
+            kind = SentencePieceTokenizer.kind
+        else:
+            raise ValueError(f"{folder}: no tokenizer ({' or '.join(map(', '.join, TOKENIZER_FILES.values()))})")
+    if kind == Tokenizer.kind:
+        return Tokenizer.load(folder / Tokenizer.FILES[0])
+    return SentencePieceTokenizer.load(folder)

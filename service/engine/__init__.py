@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any
 from service.engine.batching import batches_by_length
 
 if TYPE_CHECKING:
-    from service.engine.engine import ABANDONED, Abandoned, Engine, EngineConfig, EngineObserver, StepModel, run_search
+    from service.engine.engine import Engine, EngineConfig, EngineObserver, StepModel, run_search
     from service.engine.entry import ModelEntryError
     from service.engine.runtime import ProviderUnavailable
+    from service.engine.search import ABANDONED, Abandoned
 
 __all__ = ["ABANDONED", "Abandoned", "Engine", "EngineConfig", "EngineObserver", "ModelEntryError",
            "ProviderUnavailable", "StepModel", "batches_by_length", "run_search"]
 
-_LAZY = {"ABANDONED": "engine", "Abandoned": "engine", "Engine": "engine", "EngineConfig": "engine",
+_LAZY = {"ABANDONED": "search", "Abandoned": "search", "Engine": "engine", "EngineConfig": "engine",
          "EngineObserver": "engine", "StepModel": "engine", "run_search": "engine",
          "ModelEntryError": "entry", "ProviderUnavailable": "runtime"}
 

@@ -44,7 +44,16 @@ from service.engine.batching import batches_by_length
 from service.engine.cpu import describe_int8
 from service.engine.entry import ModelEntry, ModelEntryError, read_entry
 from service.engine.runtime import CPU, CUDA, OrtModel, ProviderUnavailable, SessionSettings
-from service.engine.search import ABANDONED, Search, SpecialIds, StepRequest, StepScores, make_search
+from service.engine.search import (
+    ABANDON,
+    ABANDONED,
+    Abandoned,
+    Search,
+    SpecialIds,
+    StepRequest,
+    StepScores,
+    make_search,
+)
 from service.options import DecodingOptions, TranslationResult
 from service.tokenizer import AnyTokenizer
 
@@ -130,12 +139,6 @@ class StepModel(Protocol):
     def step(self, state: Any, request: StepRequest) -> StepScores: ...
 
 
-Abandoned = Callable[[], "np.ndarray | None"]
-"""Asked between two decoder steps: a (B,) array over the batch's sentences, or None when all are still
-wanted. bool: True for those nobody waits for any more (cancelled, past their deadline, server stopping).
-int8 codes: 0 keep, 1 abandon, 2 stop now with the best hypothesis so far (finish reason "deadline").
-Called on the decoding thread; it must be cheap (it runs once per step)."""
-STOP_PARTIAL = 2  # Abandoned code: stop now, keep the best hypothesis so far
 
 
 def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
@@ -145,7 +148,7 @@ def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
     src_ids (B, S) int64 padded; returns the search's results, one per sentence, in order. Sentences that
     `abandoned` reports leave the batch before the next step, like finished ones; their result has no
     hypotheses and finish reason "abandoned"."""
-    if abandoned is not None and (codes := abandoned()) is not None and (codes.astype(np.int8) == 1).all():
+    if abandoned is not None and (codes := abandoned()) is not None and (np.asarray(codes) == ABANDON).all():
         return [TranslationResult([], ABANDONED) for _ in range(src_ids.shape[0])]
     started = time.perf_counter()
     state = model.encode(src_ids)
@@ -159,8 +162,7 @@ def run_search(model: StepModel, src_ids: np.ndarray, search: Search,
             observer.on_decoder_step(time.perf_counter() - started, int(request.input_ids.shape[0]))
         request = search.advance(scores)
         if request is not None and abandoned is not None and (codes := abandoned()) is not None:
-            partial = None if codes.dtype == np.bool_ else codes == STOP_PARTIAL
-            request = search.drop(request, codes.astype(bool), partial)
+            request = search.drop(request, np.asarray(codes, dtype=np.int8))
     return search.results()
 
 

@@ -25,10 +25,9 @@ import numpy as np
 
 from service import signature as sig
 from service.model_config import ModelConfig
-from service.tokenizer import TOKENIZER_FILES, AnyTokenizer, SentencePieceTokenizer, Tokenizer
+from service.tokenizer import TOKENIZER_FILES, AnyTokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
 TOKENIZER_KINDS = tuple(TOKENIZER_FILES)  # manifest "tokenizer"
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_KEYS = ("signature_version", "name", "version", "precision", "model_config", "special_ids",
@@ -151,7 +150,7 @@ def read_entry(path: str | Path, expect_name_version: bool = True) -> ModelEntry
         raise ModelEntryError(f"{where}: {', '.join(unlisted)} has no sha256 in the manifest's files")
     tokenizer: AnyTokenizer
     try:
-        tokenizer = Tokenizer.load(path / TOKENIZER) if kind == "bpe" else SentencePieceTokenizer.load(path)
+        tokenizer = load_tokenizer(path, kind)
     except Exception as err:  # the tokenizers and sentencepiece libraries raise their own exception types
         raise ModelEntryError(f"{where}: the {kind} tokenizer does not load ({_short(str(err))})") from err
     if tokenizer.vocab_size != config.vocab_size:

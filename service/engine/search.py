@@ -78,7 +78,7 @@ class Search(Protocol):
 
     def advance(self, scores: StepScores) -> StepRequest | None: ...
 
-    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None: ...
+    def drop(self, request: StepRequest, codes: np.ndarray) -> StepRequest | None: ...
 
     def results(self) -> list[TranslationResult]: ...
 
@@ -86,7 +86,14 @@ class Search(Protocol):
 ABANDONED = "abandoned"
 """finish_reason of a sentence that `Search.drop` removed (its caller is gone): no hypotheses."""
 DEADLINE = "deadline"
-"""finish_reason of a sentence `Search.drop` stopped with `partial`: its best hypotheses so far."""
+"""finish_reason of a sentence `Search.drop` stopped with STOP_PARTIAL: its best hypotheses so far."""
+KEEP, ABANDON, STOP_PARTIAL = 0, 1, 2
+"""What `Search.drop` does with a live sentence, by its code: nothing; end it with no hypotheses (ABANDONED);
+end it with its best hypotheses so far (DEADLINE)."""
+Abandoned = Callable[[], "np.ndarray | None"]
+"""Asked between two decoder steps (`service.engine.run_search`): a (B,) array of those codes over the batch's
+sentences (a bool array means ABANDON where True: nobody waits for them any more), or None when all are still
+wanted. Called on the decoding thread; it must be cheap (it runs once per step)."""
 
 
 def _without(request: StepRequest, keep_sentences: np.ndarray, rows: np.ndarray, prev_live: int) -> StepRequest:
@@ -173,15 +180,15 @@ class GreedySearch:
         self.alive = self.alive[keep_a]
         return StepRequest(self._step, best[keep_a].reshape(-1, 1), keep_a, keep_a if changed else None, self.topk)
 
-    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None:
-        """`request` (the last one `advance` returned) without the live sentences whose original index is
-        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED), or, where `partial` (B,)
-        is True too, with their tokens so far (finish reason DEADLINE). None when none is left."""
-        lost = gone[self.alive]  # (R,) one row per sentence
+    def drop(self, request: StepRequest, codes: np.ndarray) -> StepRequest | None:
+        """`request` (the last one `advance` returned) without the live sentences whose code in `codes` (B,
+        by original index) is ABANDON (they end with no hypotheses, finish reason ABANDONED) or STOP_PARTIAL
+        (they end with their tokens so far, finish reason DEADLINE). None when none is left."""
+        lost = codes[self.alive] != KEEP  # (R,) one row per sentence
         if not lost.any():
             return request
         for orig in self.alive[lost].tolist():
-            if partial is not None and partial[orig]:
+            if codes[orig] == STOP_PARTIAL:
                 tokens, lp = self.tokens[orig], float(self.log_probs[orig])
                 hyp = Hypothesis(list(tokens), self.options.normalize(lp, max(1, len(tokens))), lp)
                 self._results[orig] = TranslationResult([hyp], DEADLINE)
@@ -223,8 +230,7 @@ class BeamSearch:
         self._step = 0
         self._first_k = (np.arange(2 * self.k) < self.k)[None, :]  # (1, 2K) ranks where eos may finish
         self._beam_cache: dict[tuple[int, int], np.ndarray] = {}
-        self._abandoned: set[int] = set()  # original indices removed by drop()
-        self._partial: set[int] = set()  # original indices stopped by drop() with their best so far
+        self._stopped: dict[int, str] = {}  # original index -> finish reason, for sentences drop() ended
 
     def start(self) -> StepRequest:
         b = self.alive.size
@@ -289,26 +295,24 @@ class BeamSearch:
         self.history = np.concatenate([self.history[cache_index], tokens_in], axis=1)
         return StepRequest(length, tokens_in, cache_index, sentences, self.topk)
 
-    def drop(self, request: StepRequest, gone: np.ndarray, partial: np.ndarray | None = None) -> StepRequest | None:
-        """`request` (the last one `advance` returned) without the live sentences whose original index is
-        True in `gone` (B,); they end with no hypotheses (finish reason ABANDONED), or, where `partial` (B,)
-        is True too, with their best hypotheses so far: finished ones and live rows, the live ones scored at
-        their current length (finish reason DEADLINE). None when none is left."""
-        lost = gone[self.alive]  # (B',)
+    def drop(self, request: StepRequest, codes: np.ndarray) -> StepRequest | None:
+        """`request` (the last one `advance` returned) without the live sentences whose code in `codes` (B,
+        by original index) is ABANDON (they end with no hypotheses, finish reason ABANDONED) or STOP_PARTIAL
+        (they end with their best hypotheses so far: finished ones and live rows, the live ones scored at
+        their current length; finish reason DEADLINE). None when none is left."""
+        lost = codes[self.alive] != KEEP  # (B',)
         if not lost.any():
             return request
         length = self.history.shape[1]  # tokens every live row holds now
         for j in np.flatnonzero(lost).tolist():
             orig = int(self.alive[j])
-            if partial is not None and partial[orig]:
-                live = [_Finished(self.options.normalize(float(sc), max(1, length)), float(sc),
-                                  self.history[j * self.k + r].tolist(), DEADLINE)
-                        for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
-                self.finished[orig] = [*self.finished[orig], *live]
-                self._partial.add(orig)
+            if codes[orig] == STOP_PARTIAL:
+                self.finished[orig] += [_Finished(self.options.normalize(sc, max(1, length)), sc,
+                                                  self.history[j * self.k + r].tolist(), DEADLINE)
+                                        for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
+                self._stopped[orig] = DEADLINE
             else:
-                self.finished[orig] = []
-                self._abandoned.add(orig)
+                self._stopped[orig] = ABANDONED
         prev_live = self.alive.size if request.sentences is None else -1
         keep = np.flatnonzero(~lost)
         rows = (keep[:, None] * self.k + np.arange(self.k)[None, :]).reshape(-1)  # K rows per sentence
@@ -324,15 +328,9 @@ class BeamSearch:
         return self._beam_cache[key]
 
     def results(self) -> list[TranslationResult]:
-        out = []
-        for i, f in enumerate(self.finished):
-            if i in self._abandoned:
-                out.append(TranslationResult([], ABANDONED))
-            elif i in self._partial:
-                best = _result(f, self.options)
-                out.append(TranslationResult(best.hypotheses, DEADLINE))
-            else:
-                out.append(_result(f, self.options))
+        out = [_result(f, self.options) for f in self.finished]
+        for i, reason in self._stopped.items():
+            out[i] = TranslationResult([] if reason == ABANDONED else out[i].hypotheses, reason)
         return out
 
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.config import ServerConfig
-from service.engine.search import ABANDONED
+from service.engine.search import ABANDONED, Abandoned
 from service.metrics import ModelMetrics, ServerMetrics
 from service.options import DecodingOptions, TranslationResult
 from service.server.results import SentenceTranslation, ServedHypothesis
-from service.server.scheduler import (
-    Abandoned,
-    BatchRunner,
-    Scheduler,
-    SchedulerConfig,
-)
+from service.server.scheduler import BatchRunner, Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -101,11 +97,17 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
                        scheduler, model_metrics, max_input)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
 def trim_memory() -> bool:
     """glibc only: give the heap's free memory back to the OS (malloc_trim). Freed K/V of a big batch
     otherwise stays in glibc's heaps: two heavy calls left a server at 417 MiB for good, against 166 MiB
     before them (benchmarks/heavy_request.py). False where unsupported."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))

@@ -38,18 +38,17 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from service.engine.search import ABANDON, KEEP, STOP_PARTIAL, Abandoned
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-Abandoned = Callable[[], "np.ndarray | None"]
 BatchRunner = Callable[[list[list[int]], DecodingOptions, Abandoned], Sequence["R | None"]]
 """Runs one batch: (sources (token ids without eos, sorted by length), options, abandoned) -> one result
-per source, in order; None for a source it stopped because `abandoned()` (a (B,) bool array, or None
-when every source is still wanted; cheap, meant to be asked between decoder steps) reported it.
-Called on an executor thread; each runner runs one batch at a time."""
+per source, in order; None for a source it abandoned because `abandoned()` (service.engine.search.Abandoned)
+said so. Called on an executor thread; each runner runs one batch at a time."""
 
 DEADLINE_SLACK_S = 0.05
 """A call that ends within this long of its deadline ended by its deadline: gRPC's own timer and ours
@@ -416,9 +415,6 @@ def _drop_reason(ticket: Ticket, now: float) -> str:
     return DEADLINE if expired else CANCELLED
 
 
-STOP_PARTIAL = 2  # an Abandoned code (service.engine.engine): stop now with the best hypothesis so far
-
-
 class _BatchWatch:
     """Which sentences of a running batch nobody waits for any more; read from the decoding thread.
 
@@ -446,16 +442,17 @@ class _BatchWatch:
         self.aborted = True
 
     def gone(self) -> np.ndarray | None:
-        """(B,) bool: True for the sentences to stop; None when every one is still wanted (the common case,
-        answered without allocating). With a partial margin: int8 codes, 1 abandon, 2 stop with the best so
-        far once the deadline is within the margin."""
+        """(B,) search codes (service.engine.search): ABANDON for the sentences nobody waits for, STOP_PARTIAL
+        once a partial-at-deadline batch is within its margin; None when every one is still wanted (the
+        common case, answered without allocating)."""
         if self.aborted:
-            return np.ones(self.flags.size, dtype=bool)
+            return np.full(self.flags.size, ABANDON, dtype=np.int8)
         now = time.monotonic()
         if not self.changed and now < self.first_deadline:
             return None
         if self.margin is None:
-            return self.flags | (self.deadlines <= now)
-        codes = np.where(self.deadlines - self.margin <= now, STOP_PARTIAL, 0).astype(np.int8)
-        codes[self.flags] = 1  # a call already gone (cancelled, or gRPC's deadline fired first) is abandoned
+            codes = np.where(self.deadlines <= now, ABANDON, KEEP).astype(np.int8)
+        else:
+            codes = np.where(self.deadlines - self.margin <= now, STOP_PARTIAL, KEEP).astype(np.int8)
+        codes[self.flags] = ABANDON  # a call already gone (cancelled, or gRPC's deadline fired first)
         return codes

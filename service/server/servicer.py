@@ -1,5 +1,5 @@
 """The protobuf edge: rosetta.v1.Translator requests parsed, handed to the Translator, results turned into
-responses, and every exception turned into a gRPC status in one place (`_RpcScope`, `status_of`)."""
+responses, and every exception turned into a gRPC status in one place (`_RpcScope`, `_status_of`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -20,13 +20,12 @@ from service.proto import translate_pb2 as pb
 from service.proto import translate_pb2_grpc as pb_grpc
 from service.server.models import ServedModel
 from service.server.results import SentenceTranslation
-from service.server.scheduler import (
-    DEADLINE_SLACK_S,
-)
+from service.server.scheduler import DEADLINE_SLACK_S
 from service.server.translator import Translator
 from service.wire import finish_reason_to_pb, options_from_pb
 
 log = logging.getLogger(__name__)
+M = TypeVar("M")  # a request message type
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # "rosetta.v1.Translator"
 
@@ -93,22 +92,17 @@ class _RpcScope:
         self.model = UNKNOWN_MODEL
         self.bound = False
         self.start = time.perf_counter()
+        # on time.monotonic()'s clock; read now: time_remaining() means nothing once the call has ended
+        remaining = context.time_remaining()
+        self.deadline: float | None = None if remaining is None else time.monotonic() + remaining
 
     def bind(self, model: ServedModel) -> None:
         self.model = model.name
         self.bound = True
         self.metrics.requests_in_flight.labels(self.model).inc()
 
-    def deadline(self) -> float | None:
-        """The call's deadline on time.monotonic()'s clock; None without one."""
-        if not hasattr(self, "_deadline"):
-            remaining = self.context.time_remaining()
-            self._deadline = None if remaining is None else time.monotonic() + remaining
-        return self._deadline
-
     def _expired(self) -> bool:
-        deadline = self.deadline()
-        return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+        return self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S
 
     def _record(self, code: str) -> None:
         self.metrics.request_duration.labels(self.model, code).observe(time.perf_counter() - self.start)
@@ -118,7 +112,6 @@ class _RpcScope:
             self.bound = False
 
     async def __aenter__(self) -> _RpcScope:
-        self.deadline()  # read it now: time_remaining() means nothing once the call has ended
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -167,19 +160,21 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 self.GetModel, response_serializer=out(pb.ModelInfo)),
         })
 
-    def _request(self, data: bytes | pb.TranslateRequest) -> pb.TranslateRequest:
-        if isinstance(data, pb.TranslateRequest):  # called directly, not through `handlers()`
+    def _message(self, message_type: type[M], data: bytes | M) -> M:
+        """The request as `message_type`: parsed from its wire bytes (`parse`), or as given when the method
+        is called directly rather than through `handlers()`."""
+        if isinstance(data, message_type):
             return data
-        return parse(pb.TranslateRequest, data, self.max_message_bytes)
+        return parse(message_type, data, self.max_message_bytes)  # type: ignore[arg-type]
 
     async def Translate(self, request: bytes | pb.TranslateRequest,  # type: ignore[override]  # noqa: N802
                         context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         async with _RpcScope(self.metrics, context) as scope:
-            request = self._request(request)
-            model = self.translator.resolve(request.model)
+            req = self._message(pb.TranslateRequest, request)
+            model = self.translator.resolve(req.model)
             scope.bind(model)
-            options = options_from_pb(request.options)
-            out = await self.translator.translate(model, list(request.sentences), options, scope.deadline())
+            options = options_from_pb(req.options)
+            out = await self.translator.translate(model, list(req.sentences), options, scope.deadline)
             return_scores = options.get("return_scores", True)
             return pb.TranslateResponse(
                 results=[result_to_pb(t, return_scores) for t in out.sentences], model=out.model,
@@ -192,12 +187,12 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def TranslateStream(self, request: bytes | pb.TranslateRequest,  # type: ignore[override]  # noqa: N802
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with _RpcScope(self.metrics, context) as scope:
-            request = self._request(request)
-            model = self.translator.resolve(request.model)
+            req = self._message(pb.TranslateRequest, request)
+            model = self.translator.resolve(req.model)
             scope.bind(model)
-            options = options_from_pb(request.options)
+            options = options_from_pb(req.options)
             return_scores = options.get("return_scores", True)
-            stream = self.translator.translate_stream(model, list(request.sentences), options, scope.deadline())
+            stream = self.translator.translate_stream(model, list(req.sentences), options, scope.deadline)
             async with contextlib.aclosing(stream):
                 async for index, t in stream:
                     yield pb.TranslateStreamResponse(
@@ -208,11 +203,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     async def ListModels(self, request: bytes | pb.ListModelsRequest,  # type: ignore[override]  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        if isinstance(request, bytes):
-            try:
-                parse(pb.ListModelsRequest, request, self.max_message_bytes)
-            except ServiceError as err:
-                await context.abort(*_status_of(err))
+        try:
+            self._message(pb.ListModelsRequest, request)
+        except ServiceError as err:
+            await context.abort(*_status_of(err))
         default = self.translator.default
         return pb.ListModelsResponse(
             models=[model_info_to_pb(m) for m in self.translator.loaded()],
@@ -221,9 +215,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def GetModel(self, request: bytes | pb.GetModelRequest,  # type: ignore[override]  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            msg = parse(pb.GetModelRequest, request, self.max_message_bytes) if isinstance(request, bytes) else request
-            model = self.translator.resolve(msg.model)
+            model = self.translator.resolve(self._message(pb.GetModelRequest, request).model)
         except ServiceError as err:
-            code, message = _status_of(err)
-            await context.abort(code, message)
+            await context.abort(*_status_of(err))
         return model_info_to_pb(model)

@@ -32,9 +32,9 @@ class RequestLimits:
     max_input_tokens: int
     max_beam_size: int
     max_output_tokens: int
-    max_input_bytes: int = 4096
-    max_request_decode_tokens: int = 131072
-    max_batch_kv_bytes: int = 128 * 1024 * 1024
+    max_input_bytes: int
+    max_request_decode_tokens: int
+    max_batch_kv_bytes: int
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> RequestLimits:
@@ -57,8 +57,8 @@ class RequestLimits:
                                   f"[1, max_output_tokens={self.max_output_tokens}]")
         for name in ("min_decoding_length", "max_decoding_length_offset", "max_decoding_length_ratio"):
             if merged[name] < 0:
-                shown = "max_decoding_length_offset_tokens" if name == "max_decoding_length_offset" else name
-                raise InvalidArgument(f"{shown}={merged[name]} is negative; it must be >= 0")
+                field = "max_decoding_length_offset_tokens" if name == "max_decoding_length_offset" else name
+                raise InvalidArgument(f"{field}={merged[name]} is negative; it must be >= 0")
         for name in ("length_penalty", "max_decoding_length_ratio"):
             if merged[name] != merged[name] or merged[name] in (float("inf"), float("-inf")):
                 raise InvalidArgument(f"{name}={merged[name]} is not a finite number")
@@ -87,9 +87,8 @@ class RequestLimits:
         cap = self.max_input_bytes
         for i, s in enumerate(sentences):
             # a str holds at most 4 UTF-8 bytes a character: skip the encode when it cannot exceed the cap
-            if len(s) * 4 > cap and len(s.encode("utf-8", "surrogatepass")) > cap:
-                raise InvalidArgument(f"sentence {i} has {len(s.encode('utf-8', 'surrogatepass'))} bytes of UTF-8, "
-                                      f"more than max_input_bytes={cap}")
+            if len(s) * 4 > cap and (size := len(s.encode("utf-8", "surrogatepass"))) > cap:
+                raise InvalidArgument(f"sentence {i} has {size} bytes of UTF-8, more than max_input_bytes={cap}")
 
     def check_cost(self, model: ServedModel, sources: Sequence[list[int] | None], options: DecodingOptions,
                    stream: bool) -> list[int]:

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.marian import ImportError_, import_marian  # noqa: E402
+from model.marian import MarianImportError, import_marian  # noqa: E402
 from service.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def test_a_folder_that_is_not_marian_is_refused_and_leaves_nothing(marian_folder
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "bart"
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ImportError_, match="model_type is 'bart'"):
+    with pytest.raises(MarianImportError, match="model_type is 'bart'"):
         import_marian(bad, tmp_path / "out" / "ckpt")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -104,7 +104,7 @@ def test_bad_folders_get_a_clear_error_naming_the_problem(marian_folder: Path, t
     bad = tmp_path / "m"
     shutil.copytree(marian_folder, bad)
     change(bad)
-    with pytest.raises(ImportError_, match=message):
+    with pytest.raises(MarianImportError, match=message):
         import_marian(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no half-written folder

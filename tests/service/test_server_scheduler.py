@@ -299,7 +299,7 @@ class Stepper:
             step += 1
             gone = abandoned()
             if gone is not None:
-                live &= ~gone
+                live &= gone == 0  # search codes: KEEP is 0
         self.ran.append(step)
         return [s[0] if keep else None for s, keep in zip(sources, live, strict=True)]
 
