@@ -1,35 +1,18 @@
 """PyTorch -> ONNX: the encoder graph and the one-step decoder graph of `service.signature`.
 
 Shapes follow the legend of `model.config` (B batch, K beams, R = B*K rows, S source length,
-Tp past length, H heads, Dh head dim, V vocab, L decoder layers).
+H heads, Dh head dim, V vocab, L decoder layers).
 
 encoder.onnx    src_ids (B, S) -> cross_k.i / cross_v.i (B, H, S, Dh) for every decoder layer.
                 The cross-attention keys/values are computed once per source, never per step.
-decoder.onnx    one step for all live rows, `Transformer.decode_step` wrapped:
-                input_ids (R, 1), position (R,), src_mask (B, S) bool, cache_index (R,),
-                topk (1,), cross K/V (B, H, S, Dh), past K/V (R_prev, H, Tp, Dh)
-                -> log_probs (R, V) fp32, topk_log_probs / topk_ids (R, k), present K/V (R, H, Tp+1, Dh).
+                Traced with `torch.onnx.export(dynamo=True)` (torch.export); `finalize_graph`
+                renames every input/output dim to the signature's symbolic names and checks it.
+decoder.onnx    one step for all live rows on an in-place K/V cache (signature v2): built node by
+                node from the weights by export/step_graph.py, whose docstring has the design.
 
-Design choices (the contract the engine codes against):
-- Rows of one sentence are consecutive (R = B*K). Cross K/V stay (B, H, S, Dh): the decoder
-  reshapes the K query rows of a sentence into K query positions of that sentence's cross
-  attention, so cross K/V are never copied per beam (K times less memory and bandwidth).
-  When sentences finish, the caller gathers the surviving sentences' cross K/V and src_mask
-  itself (one gather per finished sentence, not per step).
-- `cache_index` (R,) gathers past K/V inside the graph (row r continues row cache_index[r] of the
-  previous step), so beam reordering and dropping finished rows never leave the device.
-- The first step feeds past K/V with past_len 0 (any prev_rows; cache_index must index it,
-  e.g. arange(R) with a zero-length past of R rows).
-- `topk` (int64 [1]) is a graph input: the engine asks for 2K candidates per row with one graph
-  (K may differ per request). topk_* are the top-k of the raw log_probs of each row, sorted
-  descending; the generation rules (no pad/bos, min/max length) are applied by the caller,
-  which can fall back to log_probs when a rule touches a row.
-- log_probs are float32 in every precision; K/V tensors are float16 in the fp16 variant.
-
-The graphs are traced with `torch.onnx.export(dynamo=True)` (torch.export): it handles a
-zero-length past and gives a graph about a third the size of the TorchScript exporter's.
-After export, `finalize_graph` wires `topk` into the TopK node and renames every input/output
-dim to the signature's symbolic names, then the result is checked against the signature.
+When sentences finish, the caller gathers the surviving sentences' cross K/V and src_mask itself
+(once per finishing event, not per step). K/V tensors are float16 in the fp16 variant; the
+log-probs are float32 in every precision.
 """
 
 from __future__ import annotations
@@ -50,9 +33,8 @@ from service import signature as sig
 log = logging.getLogger(__name__)
 
 OPSET = 18  # ONNX opset of the exported graphs (ORT >= 1.14 runs it)
-TRACE_K = 4  # placeholder top-k width while tracing; replaced by the `topk` input
 # Example sizes for tracing: all >= 2 so torch.export does not specialise a dim to 0 or 1.
-_B, _K, _S, _TP = 2, 3, 7, 5
+_B, _S = 2, 7
 
 
 class EncoderGraph(nn.Module):
@@ -65,35 +47,6 @@ class EncoderGraph(nn.Module):
     def forward(self, src_ids: Tensor) -> tuple[Tensor, ...]:
         out: list[Tensor] = []
         for k, v in self.model.cross_kv(self.model.encode(src_ids)):
-            out += [k, v]
-        return tuple(out)
-
-
-class DecoderStepGraph(nn.Module):
-    """`Transformer.decode_step` with flat inputs/outputs in signature order, plus top-k.
-
-    Inputs: input_ids, position, src_mask, cache_index, topk, then cross K/V of every layer
-    (k.0, v.0, k.1, ...), then past K/V of every layer. Outputs: log_probs, topk_log_probs,
-    topk_ids, then present K/V of every layer.
-    """
-
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-        self.layers = model.cfg.decoder_layers
-
-    def forward(
-        self, input_ids: Tensor, position: Tensor, src_mask: Tensor, cache_index: Tensor, topk: Tensor,
-        *kv: Tensor,
-    ) -> tuple[Tensor, ...]:
-        n = self.layers
-        cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]
-        past = [(kv[2 * n + 2 * i], kv[2 * n + 2 * i + 1]) for i in range(n)]
-        log_probs, present = self.model.decode_step(input_ids, position, src_mask, cross, past, cache_index)
-        # Traced with a constant width; finalize_graph makes the TopK node read the `topk` input.
-        top_v, top_i = torch.topk(log_probs, TRACE_K, dim=-1)  # (R, k)
-        out = [log_probs, top_v, top_i]
-        for k, v in present:
             out += [k, v]
         return tuple(out)
 
@@ -159,61 +112,20 @@ def export_encoder(model: Transformer, float_dtype: str = "float32", optimize: b
 
 
 def export_decoder(model: Transformer, float_dtype: str = "float32", optimize: bool = True) -> onnx.ModelProto:
-    """The one-step decoder graph of `model` (eval mode, on CPU, in the dtype of its weights)."""
-    from torch.export import Dim
+    """The one-step decoder graph of `model` (signature v2): built from its weights by
+    export/step_graph.py, not traced (`optimize` is the encoder's; the step graph is already minimal)."""
+    from export.step_graph import build_decoder
 
-    cfg = model.cfg
-    _, dec_spec = signatures(model, float_dtype)
-    dtype = next(model.parameters()).dtype
-    dims = {
-        "batch": Dim("batch", min=1, max=65536),
-        "src_len": Dim("src_len", min=1, max=cfg.max_positions),
-        "rows": Dim("rows", min=1, max=65536),
-        "prev_rows": Dim("prev_rows", min=1, max=65536),
-        "past_len": Dim("past_len", min=0, max=cfg.max_positions),
-    }
-    r = _B * _K
-    src = torch.randint(4, cfg.vocab_size, (_B, _S))
-    src[1, -2:] = cfg.pad_id
-    with torch.no_grad():
-        cross = model.cross_kv(model.encode(src))
-    args: list[Tensor] = [
-        torch.randint(4, cfg.vocab_size, (r, 1)),  # input_ids
-        torch.full((r,), _TP, dtype=torch.long),  # position
-        src != cfg.pad_id,  # src_mask
-        torch.arange(r),  # cache_index
-        torch.tensor([TRACE_K]),  # topk
-    ]
-    for k, v in cross:
-        args += [k, v]
-    for _ in range(cfg.decoder_layers):
-        past_shape = (r + 1, cfg.heads, _TP, cfg.head_dim)  # prev_rows != rows while tracing
-        args += [torch.randn(past_shape, dtype=dtype), torch.randn(past_shape, dtype=dtype)]
-    shapes = _dynamic_shapes(dec_spec, dims)
-    dynamic = (*shapes[:5], tuple(shapes[5:]))  # the K/V tensors are the *kv varargs
-    proto = _export(DecoderStepGraph(model).eval(), tuple(args), dec_spec, dynamic, optimize)
-    return finalize_graph(proto, dec_spec)
+    del optimize
+    return build_decoder(model, float_dtype)
 
 
 def finalize_graph(proto: onnx.ModelProto, spec: sig.GraphSignature) -> onnx.ModelProto:
-    """Make an exported graph declare exactly `spec`: `topk` wired in, dims named as declared.
-
-    The TopK node traced with a constant width is rewired to read the `topk` graph input (added if
-    the exporter dropped it as unused). Every input/output dim that the signature declares
-    symbolic gets the signature's name (the exporter writes expressions like "past_len + 1" or
-    fixes vocab). Raises SignatureMismatch if the graph still differs from `spec`.
+    """Make a traced graph declare exactly `spec`: every input/output dim that the signature
+    declares symbolic gets the signature's name (the exporter writes expressions or numbers).
+    Raises SignatureMismatch if the graph still differs from `spec`.
     """
     graph = proto.graph
-    names = {t.name for t in spec.inputs}
-    if sig.TOPK in names:
-        topk_nodes = [n for n in graph.node if n.op_type == "TopK"]
-        if len(topk_nodes) != 1:
-            raise ValueError(f"expected one TopK node in the decoder graph, found {len(topk_nodes)}")
-        old = topk_nodes[0].input[1]
-        topk_nodes[0].input[1] = sig.TOPK
-        if sig.TOPK not in {i.name for i in graph.input}:
-            graph.input.append(onnx.helper.make_tensor_value_info(sig.TOPK, onnx.TensorProto.INT64, [1]))
-        _drop_if_unused(graph, old)
     by_name = {t.name: t for t in spec.inputs + spec.outputs}
     for value in list(graph.input) + list(graph.output):
         want = by_name.get(value.name)

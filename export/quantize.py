@@ -91,7 +91,10 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True, form: str = "a
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
         quantize_dynamic(prepared, Path(tmp) / "quantized.onnx", op_types_to_quantize=list(QUANTIZED_OPS),
-                         per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8)
+                         per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         # ONNX shape inference types nothing after a com.microsoft attention node; the
+                         # tensors there are float32 (the int8 variant is made from the fp32 graphs)
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         Path(dst).write_bytes((Path(tmp) / "quantized.onnx").read_bytes())
 
 

@@ -4,15 +4,19 @@ Every tensor of `encoder.onnx` and `decoder.onnx` is declared here with its name
 and dims; the exporter builds its graphs from these declarations and the engine checks a loaded
 graph against them (`check_graph`), so a tensor name is never spelled twice in the codebase.
 
+Version 2 (this one): the decoder step writes its K/V into a preallocated cache in place and
+reads beams through a cache indirection, takes a position and a key mask per row (rows at
+different steps share one call), and returns only what a search reads (top-k and eos).
+Version 1 entries (a cache rewritten every step, full log-probs out) are refused: re-export.
+
 Dims are either ints (fixed by the model config: heads, head_dim) or symbolic names:
     batch      live source sentences
     src_len    padded source length
-    rows       live hypothesis rows this step (batch * beams)
-    prev_rows  rows of the previous step (the rows of past K/V)
-    past_len   cached target positions (0 on the first step)
-    total_len  past_len + 1
-    vocab      vocabulary size (fixed per model, symbolic in the graph)
-    k          top-k width requested this step
+    beams      rows per sentence this call (1 at a beam search's first step, greedy: 1)
+    rows       live hypothesis rows this call (batch * beams)
+    max_len    slots of the self-attention cache (its capacity; the engine grows it)
+    total_len  cache_slot + 1: the slots a row may attend this call
+    k          top-k width requested this call
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2
 
 # Encoder
 SRC_IDS = "src_ids"
@@ -28,11 +32,14 @@ SRC_IDS = "src_ids"
 INPUT_IDS = "input_ids"
 POSITION = "position"
 SRC_MASK = "src_mask"
-CACHE_INDEX = "cache_index"
+SELF_MASK = "self_mask"
+CACHE_SLOT = "cache_slot"
+BEAM_WIDTH = "beam_width"
+CACHE_INDIRECTION = "cache_indirection"
 TOPK = "topk"
-LOG_PROBS = "log_probs"
 TOPK_LOG_PROBS = "topk_log_probs"
 TOPK_IDS = "topk_ids"
+EOS_LOG_PROBS = "eos_log_probs"
 
 
 def cross_k(i: int) -> str:
@@ -101,28 +108,46 @@ def encoder_signature(layers: int, heads: int, head_dim: int, float_dtype: str =
 
 
 def decoder_signature(layers: int, heads: int, head_dim: int, float_dtype: str = "float32") -> GraphSignature:
-    """decoder.onnx: one step for every live hypothesis row (see ARCHITECTURE.md)."""
+    """decoder.onnx: one step for every live hypothesis row (see ARCHITECTURE.md and export/step_graph.py).
+
+    input_ids (rows,)                  the last token of every row
+    position (rows,)                   its position (rows may be at different steps)
+    self_mask (rows, total_len) int32  1 where a row attends a cache slot (its own past and cache_slot)
+    cache_slot (1,) int32              the slot every row writes its new K/V to (one per call)
+    beam_width (1,) int32              rows per sentence: rows = batch * beam_width, consecutive
+    cache_indirection (batch, beams, max_len) int32
+                                       slot s of row (b, i) is read from row b*beams + value
+    src_mask (batch, src_len) int32    1 at real source tokens
+    topk (1,) int64                    width of the top-k outputs
+    cross_k.i / cross_v.i (batch, H, src_len, Dh)
+    past_k.i / past_v.i (rows, H, max_len, Dh)   the cache; present_k.i / present_v.i are the
+                                       same tensors with slot cache_slot written: bind each pair to
+                                       ONE buffer (the graph updates it in place)
+    -> topk_log_probs (rows, k) float32, topk_ids (rows, k) int64, eos_log_probs (rows,) float32.
+    """
     cross = ("batch", heads, "src_len", head_dim)
-    past = ("prev_rows", heads, "past_len", head_dim)
-    present = ("rows", heads, "total_len", head_dim)
+    cache = ("rows", heads, "max_len", head_dim)
     ins = [
-        TensorSpec(INPUT_IDS, "int64", ("rows", 1)),
+        TensorSpec(INPUT_IDS, "int64", ("rows",)),
         TensorSpec(POSITION, "int64", ("rows",)),
-        TensorSpec(SRC_MASK, "bool", ("batch", "src_len")),
-        TensorSpec(CACHE_INDEX, "int64", ("rows",)),
+        TensorSpec(SELF_MASK, "int32", ("rows", "total_len")),
+        TensorSpec(CACHE_SLOT, "int32", (1,)),
+        TensorSpec(BEAM_WIDTH, "int32", (1,)),
+        TensorSpec(CACHE_INDIRECTION, "int32", ("batch", "beams", "max_len")),
+        TensorSpec(SRC_MASK, "int32", ("batch", "src_len")),
         TensorSpec(TOPK, "int64", (1,)),
     ]
     for i in range(layers):
         ins += [TensorSpec(cross_k(i), float_dtype, cross), TensorSpec(cross_v(i), float_dtype, cross)]
     for i in range(layers):
-        ins += [TensorSpec(past_k(i), float_dtype, past), TensorSpec(past_v(i), float_dtype, past)]
+        ins += [TensorSpec(past_k(i), float_dtype, cache), TensorSpec(past_v(i), float_dtype, cache)]
     outs = [
-        TensorSpec(LOG_PROBS, "float32", ("rows", "vocab")),
         TensorSpec(TOPK_LOG_PROBS, "float32", ("rows", "k")),
         TensorSpec(TOPK_IDS, "int64", ("rows", "k")),
+        TensorSpec(EOS_LOG_PROBS, "float32", ("rows",)),
     ]
     for i in range(layers):
-        outs += [TensorSpec(present_k(i), float_dtype, present), TensorSpec(present_v(i), float_dtype, present)]
+        outs += [TensorSpec(present_k(i), float_dtype, cache), TensorSpec(present_v(i), float_dtype, cache)]
     return GraphSignature(tuple(ins), tuple(outs))
 
 

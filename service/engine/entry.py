@@ -109,7 +109,8 @@ def read_entry(path: str | Path, expect_name_version: bool = True) -> ModelEntry
         _check_name_version(where, path, manifest["name"], manifest["version"])
     if manifest["signature_version"] != sig.SIGNATURE_VERSION:
         raise ModelEntryError(f"{where}: signature_version is {_clip(manifest['signature_version'])}, this engine "
-                              f"speaks {sig.SIGNATURE_VERSION}; re-export the model")
+                              f"speaks {sig.SIGNATURE_VERSION}; re-export the model from its checkpoint "
+                              "(rosetta export CHECKPOINT --out model_repository/NAME/VERSION)")
     precision = manifest["precision"]
     if precision not in PRECISIONS:
         raise ModelEntryError(f"{where}: precision {_clip(precision)} is not one of {PRECISIONS}")
@@ -177,20 +178,15 @@ def check_tables(entry: ModelEntry, encoder: Any, decoder: Any) -> None:
 
     The table sizes are initializers that an onnxruntime session does not expose, so the graphs are
     probed: the encoder runs once on a max_positions-long source and once on token vocab_size-1, the
-    decoder once at position max_positions-1 and once on token vocab_size-1, and the log_probs width
-    must be vocab_size. The probes run on CPU, whose Gather/GatherND refuse an index past the table;
-    CUDA kernels read past it silently, so sessions on another provider are probed through throwaway
-    CPU sessions of the same files. Costs one encoder pass over max_positions tokens per load.
+    decoder once at position max_positions-1 and once on token vocab_size-1 with a top-k as wide as
+    vocab_size, which must return vocab_size distinct ids. The probes run on CPU, whose Gather/GatherND
+    refuse an index past the table; CUDA kernels read past it silently, so sessions on another
+    provider are probed through throwaway CPU sessions of the same files. Costs one encoder pass over
+    max_positions tokens per load.
     """
     import onnxruntime as ort  # only here: reading a manifest needs no onnxruntime
 
     where = f"model entry {entry.path}"
-    cfg = entry.config
-    # log_probs (rows, vocab): onnxruntime may report vocab as inferred from the weights
-    declared = next(o.shape for o in decoder.get_outputs() if o.name == sig.LOG_PROBS)
-    if len(declared) == 2 and isinstance(declared[1], int) and declared[1] != cfg.vocab_size:
-        raise ModelEntryError(f"{where}: {entry.decoder_file.name} outputs {declared[1]} log-probs per row, "
-                              f"model_config.vocab_size is {cfg.vocab_size}")
     if encoder.get_providers()[0] != "CPUExecutionProvider" or decoder.get_providers()[0] != "CPUExecutionProvider":
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
@@ -227,25 +223,28 @@ def _probe_tables(where: str, entry: ModelEntry, encoder: Any, decoder: Any, run
     cross = run(encoder, {sig.SRC_IDS: np.array([[last_token]], dtype=np.int64)},
                 f"{enc_name} has no embedding for token {last_token}: model_config.vocab_size={cfg.vocab_size} "
                 "is larger than its table")
-    empty = np.zeros((1, cfg.heads, 0, cfg.head_dim), dtype=kv_dtype)  # (R, H, Tp=0, Dh)
+    cache = np.zeros((1, cfg.heads, 1, cfg.head_dim), dtype=kv_dtype)  # (R, H, M=1, Dh)
     feeds: dict[str, np.ndarray] = {
-        sig.SRC_MASK: np.ones((1, 1), dtype=bool),
-        sig.CACHE_INDEX: np.zeros(1, dtype=np.int64),
+        sig.SELF_MASK: np.ones((1, 1), dtype=np.int32),
+        sig.CACHE_SLOT: np.zeros(1, dtype=np.int32),
+        sig.BEAM_WIDTH: np.ones(1, dtype=np.int32),
+        sig.CACHE_INDIRECTION: np.zeros((1, 1, 1), dtype=np.int32),
+        sig.SRC_MASK: np.ones((1, 1), dtype=np.int32),
         sig.TOPK: np.ones(1, dtype=np.int64),
         **dict(zip(cross_names, cross, strict=True)),
-        **{n: empty for i in range(cfg.decoder_layers) for n in (sig.past_k(i), sig.past_v(i))},
+        **{n: cache for i in range(cfg.decoder_layers) for n in (sig.past_k(i), sig.past_v(i))},
     }
-    run(decoder, {**feeds, sig.INPUT_IDS: np.array([[cfg.bos_id]], dtype=np.int64),
+    run(decoder, {**feeds, sig.INPUT_IDS: np.array([cfg.bos_id], dtype=np.int64),
                   sig.POSITION: np.array([positions - 1], dtype=np.int64)},
         f"{dec_name} cannot decode at position {positions - 1}: its positional table is shorter than "
         f"model_config.max_positions={positions}")
-    log_probs = run(decoder, {**feeds, sig.INPUT_IDS: np.array([[last_token]], dtype=np.int64),
-                              sig.POSITION: np.zeros(1, dtype=np.int64)},
-                    f"{dec_name} has no embedding for token {last_token}: model_config.vocab_size={cfg.vocab_size} "
-                    "is larger than its table", [sig.LOG_PROBS])[0]  # (1, V)
-    if log_probs.shape[-1] != cfg.vocab_size:
-        raise ModelEntryError(f"{where}: {dec_name} outputs {log_probs.shape[-1]} log-probs per row, "
-                              f"model_config.vocab_size is {cfg.vocab_size}")
+    wide = {sig.TOPK: np.array([cfg.vocab_size], dtype=np.int64)}
+    ids = run(decoder, {**feeds, **wide, sig.INPUT_IDS: np.array([last_token], dtype=np.int64),
+                        sig.POSITION: np.zeros(1, dtype=np.int64)},
+              f"{dec_name} has no embedding for token {last_token} or fewer than {cfg.vocab_size} log-probs per "
+              f"row: model_config.vocab_size={cfg.vocab_size} is larger than its tables", [sig.TOPK_IDS])[0]  # (1, V)
+    if ids.shape[-1] != cfg.vocab_size or np.unique(ids).size != cfg.vocab_size or ids.max() >= cfg.vocab_size:
+        raise ModelEntryError(f"{where}: {dec_name} does not output vocab_size={cfg.vocab_size} log-probs per row")
 
 
 def _check_name_version(where: str, path: Path, name: object, version: object) -> None:

@@ -1,21 +1,28 @@
 """The entry's two ONNX Runtime sessions on one device, and the two calls a decoding loop makes.
 
     encode(src_ids)          once per batch: cross-attention K/V of every decoder layer
-    step(state, request)     once per generated token: top-k per row, present K/V
+    step(state, request)     once per generated token: top-k and eos log-prob per row
 
-Everything runs through IO binding, on CPU as on CUDA, so past/present K/V never become numpy
-arrays: they stay where ONNX Runtime allocated them (device memory under CUDA) and `cache_index`
-reorders beams and drops finished rows inside the graph. Per step only small tensors cross to the
-host: token ids, positions, cache_index and the padding mask go in; the top-k log-probs and ids
-come out. The full log-probs stay on the device and are copied only at a sentence's max-length
-step, where the search needs the eos column. When sentences finish, their cross K/V are dropped
-with one gather along the batch axis, once per finishing event (not per step): in numpy on CPU,
-where the cross K/V are kept as arrays bound without a copy, and through the host on CUDA, since
-the signature has no sentence index for the graph to gather with.
+Everything runs through IO binding, on CPU as on CUDA. The self-attention cache of a loop is
+allocated once (rows, H, slots, Dh) per layer and bound as both the past and the present of the
+decoder (signature v2): each step writes one slot in place. Beam reordering moves no K/V: row
+(b, i) reads slot s from row b*K + cache_indirection[b, i, s], and the engine updates that small
+int32 table on the host. K/V are copied only when the loop's shape changes: when sentences
+finish (their rows leave, once per finishing event), when a beam search widens from one row to
+K rows per sentence after its first step, and when the cache runs out of slots (its capacity
+doubles, so that happens log2(length) times). Per step only small tensors cross to the device:
+token ids, positions, the self-attention key mask, the slot and the indirection go in; the
+top-k log-probs, ids and the eos log-prob come out.
+
+Rows of one loop may be at different steps: a sentence's rows have a first slot (`start`), their
+positions count from it and the key mask hides the slots before it. Every sentence of a batch
+starts at slot 0 today; the step-level scheduler admits sentences into a running loop with it.
 
 Providers: "cuda" is used only after a session was created with it AND a real encode + decoder
 step ran on it; the provider list of an onnxruntime-gpu wheel names CUDA on machines without a
-usable GPU. Shapes: B sentences, S source length, R rows, H heads, Dh head dim, V vocab, k top-k.
+usable GPU. On CUDA the shape changes above go through the host (rare events, not per step).
+Shapes: B sentences, K beams, S source length, R = B*K rows, M cache slots, H heads, Dh head dim,
+k top-k.
 """
 
 from __future__ import annotations
@@ -65,15 +72,26 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     return so
 
 
+FIRST_SLOTS = 32  # cache slots a new loop allocates; doubled when a step needs more
+
+
 @dataclass
 class DecoderState:
     """The device-side state of one decoding loop."""
 
     cross: list[Any]  # per layer cross_k, cross_v (B, H, S, Dh) of the live sentences: numpy on CPU, OrtValue else
-    src_mask: np.ndarray  # (B, S) bool, True at real source tokens; host side, small
-    past: list[ort.OrtValue] | None = None  # per layer past_k, past_v: (R, H, T, Dh); None before step 0
-    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask and top-k stay bound
+    src_mask: np.ndarray  # (B, S) int32, 1 at real source tokens; host side, small
+    start: np.ndarray  # (B,) int64 first cache slot of every live sentence (its position 0)
+    cache: list[Any] | None = None  # per layer k, v (R, H, M, Dh): numpy on CPU (bound without a copy), OrtValue else
+    indirection: np.ndarray | None = None  # (B, K, M) int32, host side
+    beams: int = 0  # K: rows per sentence in the cache's layout
+    slot: int = 0  # the slot the next step writes
+    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask, cache stay bound
     topk: int = 0  # the top-k width bound now
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.indirection is None else int(self.indirection.shape[2])
 
 
 class OrtModel:
@@ -118,16 +136,38 @@ class OrtModel:
         return model
 
     def smoke_test(self) -> None:
-        """Encode one source and run one decoder step; raises ProviderUnavailable if either fails."""
-        cfg = self.entry.config
+        """A short beam decode here and on CPU sessions of the same files: raises ProviderUnavailable if
+        this device fails, returns non-finite scores, or disagrees with CPU (the fused attention kernels
+        differ per provider; a wrong result must never be served)."""
         try:
-            state = self.encode(np.array([[cfg.eos_id]], dtype=np.int64))
-            request = StepRequest(0, np.array([[cfg.bos_id]], dtype=np.int64), np.zeros(1, dtype=np.int64), None, 1)
-            out = self.step(state, request)
-            if not np.isfinite(out.topk_log_probs).all():
-                raise RuntimeError("non-finite log-probs")
+            here = self._probe_decode(self)
+            cpu = self._probe_decode(OrtModel.open(self.entry, CPU, SessionSettings(1, 1)))
         except Exception as err:
             raise ProviderUnavailable(f"a test decode on {self.device} failed: {err}") from err
+        tolerance = 0.05 if self.kv_dtype == np.float16 else 1e-3
+        if not np.isfinite(here[0]).all() or np.abs(here[0] - cpu[0]).max() > tolerance \
+                or not np.array_equal(here[1][:, 0], cpu[1][:, 0]):
+            raise ProviderUnavailable(f"a test decode on {self.device} disagrees with CPU (top log-probs "
+                                      f"{here[0][:, 0].tolist()} vs {cpu[0][:, 0].tolist()})")
+
+    @staticmethod
+    def _probe_decode(model: OrtModel, steps: int = 4, beams: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """(top log-probs, top ids) of `steps` steps of two sentences with `beams` rows each, fed fixed tokens
+        and reordered every step: exercises the cache, the indirection and the cross-attention grouping."""
+        cfg = model.entry.config
+        src = np.array([[4 % cfg.vocab_size, cfg.eos_id], [cfg.eos_id, cfg.pad_id]], dtype=np.int64)
+        state = model.encode(src)
+        tokens = np.full((2, 1), cfg.bos_id, dtype=np.int64)
+        index = np.arange(2)
+        values, ids = [], []
+        for step in range(steps):
+            out = model.step(state, StepRequest(step, tokens, index, None, 2))
+            values.append(out.topk_log_probs)
+            ids.append(out.topk_ids)
+            tokens = ((np.arange(2 * beams) + 5 + step) % cfg.vocab_size).reshape(-1, 1)  # beams differ
+            per = out.topk_ids.shape[0] // 2
+            index = np.repeat(np.arange(2) * per, beams) + (np.arange(2 * beams) + step) % per
+        return np.concatenate(values), np.concatenate(ids)
 
     # -- the two calls of a decoding loop ---------------------------------------------------------------
 
@@ -142,51 +182,143 @@ class OrtModel:
         cross: list[Any] = binding.get_outputs()
         if self.device == CPU:  # one copy per batch; then gathers copy only the survivors
             cross = [v.numpy() for v in cross]
-        return DecoderState(cross, src_ids != self.entry.config.pad_id)
+        src_mask = (src_ids != self.entry.config.pad_id).astype(np.int32)
+        return DecoderState(cross, src_mask, np.zeros(src_ids.shape[0], dtype=np.int64))
 
     def step(self, state: DecoderState, request: StepRequest) -> StepScores:
-        """One decoder call for the rows of `request`; updates `state` (past K/V, live sentences).
+        """One decoder call for the rows of `request`; updates `state` (cache, indirection, live sentences).
 
-        The loop keeps one IO binding: cross K/V, src_mask and the top-k width are bound once (again
-        only when sentences leave or the width changes); each step rebinds the token ids, positions,
-        cache_index, past K/V and the outputs.
+        request.cache_index names, for every row, the row of the previous step it continues; its
+        sentence is request.sentences[row // K] of the previous step (all of them when None).
         """
+        rows = request.input_ids.shape[0]
         binding = state.binding
+        compacted = False
         if binding is None:
             binding = state.binding = self.decoder.io_binding()
+            for name in (sig.TOPK_LOG_PROBS, sig.TOPK_IDS, sig.EOS_LOG_PROBS):  # outputs 0-2, whatever binds later
+                binding.bind_output(name, CPU)
             self._bind_sentences(binding, state)
         elif request.sentences is not None:
-            state.cross = self._gather_sentences(state.cross, request.sentences)
-            state.src_mask = np.ascontiguousarray(state.src_mask[request.sentences])
+            compacted = True
+            self._keep_sentences(state, request.sentences)
             self._bind_sentences(binding, state)
+        sentences = state.src_mask.shape[0]
+        beams = rows // sentences
+        slot = state.slot
+        if state.cache is None:
+            self._allocate(state, sentences, beams, max(FIRST_SLOTS, slot + 1))
+            self._bind_cache(binding, state)
+        else:
+            self._reorder(state, request.cache_index, beams)
+            reshaped = compacted
+            if beams != state.beams:
+                self._widen(state, beams)
+                reshaped = True
+            if slot >= state.slots:
+                self._grow(state, max(slot + 1, min(2 * state.slots, self.max_slots)))
+                reshaped = True
+            if reshaped:
+                self._bind_cache(binding, state)
+        assert state.indirection is not None
+        state.indirection[:, :, slot] = np.arange(beams, dtype=np.int32)  # every row writes its own slot
         if request.topk != state.topk:
             binding.bind_cpu_input(sig.TOPK, np.array([request.topk], dtype=np.int64))
             state.topk = request.topk
-        rows = request.input_ids.shape[0]
-        # Small host inputs; under CUDA onnxruntime copies them to the device.
-        binding.bind_cpu_input(sig.INPUT_IDS, np.ascontiguousarray(request.input_ids, dtype=np.int64))
-        binding.bind_cpu_input(sig.POSITION, np.full(rows, request.step, dtype=np.int64))
-        binding.bind_cpu_input(sig.CACHE_INDEX, np.ascontiguousarray(request.cache_index, dtype=np.int64))
-        if state.past is None:  # first step: a zero-length past that cache_index = arange(R) indexes
-            empty = np.zeros((rows, self.heads, 0, self.head_dim), dtype=self.kv_dtype)
-            for name in self._past_names:
-                binding.bind_cpu_input(name, empty)
-        else:
-            for name, value in zip(self._past_names, state.past, strict=True):
-                binding.bind_ortvalue_input(name, value)
-        # Outputs are rebound every step: after a run they hold that step's tensors, whose shapes
-        # (rows, past length) the next step no longer has.
-        binding.bind_output(sig.LOG_PROBS, self.device)
+        row_start = np.repeat(state.start, beams)  # (R,)
+        binding.bind_cpu_input(sig.INPUT_IDS, np.ascontiguousarray(request.input_ids, dtype=np.int64).reshape(-1))
+        binding.bind_cpu_input(sig.POSITION, np.maximum(slot - row_start, 0))  # rows not started yet: 0
+        binding.bind_cpu_input(sig.SELF_MASK, self._self_mask(row_start, slot))
+        binding.bind_cpu_input(sig.CACHE_SLOT, np.array([slot], dtype=np.int32))
+        binding.bind_cpu_input(sig.CACHE_INDIRECTION, state.indirection)
         binding.bind_output(sig.TOPK_LOG_PROBS, CPU)
         binding.bind_output(sig.TOPK_IDS, CPU)
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
+        binding.bind_output(sig.EOS_LOG_PROBS, CPU)
         self.decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        log_probs = outputs[0]
-        state.past = outputs[3:]
-        eos = self.eos_id
-        return StepScores(outputs[1].numpy(), outputs[2].numpy(), lambda: log_probs.numpy()[:, eos])
+        state.slot = slot + 1
+        top_v, top_i, eos = (v.numpy() for v in binding.get_outputs()[:3])
+        return StepScores(top_v, top_i, lambda: eos)
+
+    @property
+    def max_slots(self) -> int:
+        return self.entry.config.max_positions
+
+    # -- the cache: allocated per loop, reshaped only on events ------------------------------------------
+
+    def _allocate(self, state: DecoderState, sentences: int, beams: int, slots: int) -> None:
+        shape = (sentences * beams, self.heads, slots, self.head_dim)
+        state.cache = [self._zeros(shape) for _ in self._past_names]
+        state.indirection = np.zeros((sentences, beams, slots), dtype=np.int32)
+        state.beams = beams
+
+    def _keep_sentences(self, state: DecoderState, keep: np.ndarray) -> None:
+        """Only the sentences `keep` (indices of the previous step's) stay: their rows, cross K/V, masks."""
+        state.cross = self._gather(state.cross, keep)
+        state.src_mask = np.ascontiguousarray(state.src_mask[keep])
+        state.start = state.start[keep]
+        if state.cache is not None and state.indirection is not None:
+            rows = (keep[:, None] * state.beams + np.arange(state.beams)).reshape(-1)
+            state.cache = self._gather(state.cache, rows)
+            state.indirection = np.ascontiguousarray(state.indirection[keep])
+
+    def _widen(self, state: DecoderState, beams: int) -> None:
+        """The cache from state.beams to `beams` rows per sentence (a beam search after its first step): the
+        old rows become the first of each sentence's block; `_reorder` already points the new rows at them."""
+        old = state.beams
+        if beams < old:
+            raise ValueError(f"a loop cannot narrow from {old} to {beams} rows per sentence")
+        sentences = state.src_mask.shape[0]
+
+        def widen(value: Any) -> Any:
+            host = value if self.device == CPU else value.numpy()
+            wide = np.zeros((sentences, beams, *host.shape[1:]), dtype=host.dtype)
+            wide[:, :old] = host.reshape(sentences, old, *host.shape[1:])
+            return self._to_device(wide.reshape(sentences * beams, *host.shape[1:]))
+
+        assert state.cache is not None
+        state.cache = [widen(v) for v in state.cache]
+        state.beams = beams
+
+    def _grow(self, state: DecoderState, slots: int) -> None:
+        """More cache slots: the filled ones copied into a larger cache."""
+        assert state.cache is not None and state.indirection is not None
+        filled = state.slots
+
+        def grow(value: Any) -> Any:
+            host = value if self.device == CPU else value.numpy()
+            big = np.zeros((host.shape[0], host.shape[1], slots, host.shape[3]), dtype=host.dtype)
+            big[:, :, :filled] = host
+            return self._to_device(big)
+
+        state.cache = [grow(v) for v in state.cache]
+        indirection = np.zeros((*state.indirection.shape[:2], slots), dtype=np.int32)
+        indirection[:, :, :filled] = state.indirection
+        state.indirection = indirection
+
+    @staticmethod
+    def _reorder(state: DecoderState, cache_index: np.ndarray, beams: int) -> None:
+        """Row (b, i) of this step continues beam cache_index[r] % K of its sentence (K: the previous
+        step's rows per sentence): it inherits that beam's slots, so (b, i) reads them where they are."""
+        assert state.indirection is not None
+        sentences = state.indirection.shape[0]
+        origin = (np.asarray(cache_index) % state.beams).reshape(sentences, beams, 1)
+        state.indirection = np.ascontiguousarray(np.take_along_axis(state.indirection, origin, axis=1))
+
+    @staticmethod
+    def _self_mask(row_start: np.ndarray, slot: int) -> np.ndarray:
+        """(R, slot+1) int32: 1 where a row owns a slot (from its start to `slot`)."""
+        if not row_start.any():
+            return np.ones((row_start.size, slot + 1), dtype=np.int32)
+        return (np.arange(slot + 1)[None, :] >= row_start[:, None]).astype(np.int32)
+
+    def _bind_cache(self, binding: Any, state: DecoderState) -> None:
+        """Each layer's past and present K/V bound to ONE buffer: the graph writes the new slot into it."""
+        assert state.cache is not None
+        binding.bind_cpu_input(sig.BEAM_WIDTH, np.array([state.beams], dtype=np.int32))
+        for past, present, value in zip(self._past_names, self._present_names, state.cache, strict=True):
+            ort_value = ort.OrtValue.ortvalue_from_numpy(value) if self.device == CPU else value
+            binding.bind_ortvalue_input(past, ort_value)
+            binding.bind_ortvalue_output(present, ort_value)
 
     def _bind_sentences(self, binding: Any, state: DecoderState) -> None:
         """Bind what is per live sentence: the padding mask and the cross K/V."""
@@ -197,8 +329,16 @@ class OrtModel:
             else:
                 binding.bind_ortvalue_input(name, value)
 
-    def _gather_sentences(self, values: list[Any], index: np.ndarray) -> list[Any]:
-        """values[i][index] along the batch axis, on this model's device."""
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        # Zeros, not empty: a masked or not yet written slot is read by the kernel (then weighted 0),
+        # and uninitialised memory may hold NaN, which no weight cancels.
+        return self._to_device(np.zeros(shape, dtype=self.kv_dtype))
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        return array if self.device == CPU else ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def _gather(self, values: list[Any], index: np.ndarray) -> list[Any]:
+        """values[i][index] along the first axis, on this model's device."""
         if self.device == CPU:
             return [np.take(v, index, axis=0) for v in values]
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[index]), self.device, 0)

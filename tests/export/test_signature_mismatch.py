@@ -29,10 +29,10 @@ def _renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
 
 
 def test_renamed_input_is_rejected_naming_both_names(tiny_repository_entry: Path) -> None:
-    model = _renamed(onnx.load(str(tiny_repository_entry / "decoder.onnx")), "cache_index", "beam_index")
+    model = _renamed(onnx.load(str(tiny_repository_entry / "decoder.onnx")), "cache_indirection", "beam_index")
     with pytest.raises(sig.SignatureMismatch) as err:
         sig.check_onnx("decoder.onnx", _decoder_signature(tiny_repository_entry), model)
-    assert "missing input 'cache_index'" in str(err.value)
+    assert "missing input 'cache_indirection'" in str(err.value)
     assert "unexpected input 'beam_index'" in str(err.value)
 
 
@@ -54,15 +54,15 @@ def test_wrong_dtype_and_pinned_dynamic_axis_are_named(tiny_repository_entry: Pa
         sig.check_onnx("decoder.onnx", _decoder_signature(tiny_repository_entry, "float16"), model)
     text = str(err.value)
     assert "input 'past_k.0' has dtype float32, expected float16" in text
-    assert "input 'past_k.0' axis 2 is fixed to 7, expected dynamic 'past_len'" in text
+    assert "input 'past_k.0' axis 2 is fixed to 7, expected dynamic 'max_len'" in text
 
 
 def test_loading_an_entry_with_a_foreign_decoder_fails_before_any_step(
         tiny_repository_entry: Path, tmp_path: Path) -> None:
     entry = tmp_path / "tiny" / "1"
     shutil.copytree(tiny_repository_entry, entry)
-    model = _renamed(onnx.load(str(entry / "decoder.onnx")), "log_probs", "logits")
+    model = _renamed(onnx.load(str(entry / "decoder.onnx")), "eos_log_probs", "eos_scores")
     onnx.save(model, str(entry / "decoder.onnx"))
     write_manifest(entry, read_manifest(entry))
-    with pytest.raises(sig.SignatureMismatch, match="missing output 'log_probs'.*unexpected output 'logits'"):
+    with pytest.raises(sig.SignatureMismatch, match="missing output 'eos_log_probs'.*unexpected output 'eos_scores'"):
         OrtGraphs(entry)

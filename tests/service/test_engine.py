@@ -331,6 +331,12 @@ def test_manifest_of_another_signature_version_is_rejected(entry_copy: Path) -> 
         Engine.load(entry_copy, CPU1)
 
 
+def test_entry_of_signature_v1_is_refused_with_a_re_export_hint(entry_copy: Path) -> None:
+    _rewrite_manifest(entry_copy, lambda m: m.update(signature_version=1))
+    with pytest.raises(ModelEntryError, match=r"signature_version is 1, this engine speaks 2; re-export the model"):
+        Engine.load(entry_copy, CPU1)
+
+
 def test_graph_not_matching_signature_is_rejected(entry_copy: Path) -> None:
     onnx = pytest.importorskip("onnx")
     from export.manifest import sha256_of
@@ -338,13 +344,13 @@ def test_graph_not_matching_signature_is_rejected(entry_copy: Path) -> None:
     path = entry_copy / "decoder.onnx"
     model = onnx.load(str(path))
     for value in model.graph.input:
-        if value.name == "cache_index":
+        if value.name == "cache_indirection":
             value.name = "beam_index"
     for node in model.graph.node:
-        node.input[:] = ["beam_index" if i == "cache_index" else i for i in node.input]
+        node.input[:] = ["beam_index" if i == "cache_indirection" else i for i in node.input]
     onnx.save(model, str(path))
     _rewrite_manifest(entry_copy, lambda m: m["files"].update({"decoder.onnx": sha256_of(path)}))
-    with pytest.raises(ModelEntryError, match=r"decoder.onnx does not match.*missing input 'cache_index'"
+    with pytest.raises(ModelEntryError, match=r"decoder.onnx does not match.*missing input 'cache_indirection'"
                                               r".*unexpected input 'beam_index'"):
         Engine.load(entry_copy, CPU1)
 
