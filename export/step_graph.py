@@ -5,15 +5,17 @@ because what makes it fast are ONNX Runtime's fused attention operators, which n
 emits, and because its contract (service/signature.py) has no PyTorch twin: the cache is
 updated in place and read through an indirection. Per decoder layer:
 
-    self-attention   com.microsoft DecoderMaskedMultiHeadAttention on the (rows, H, max_len, Dh)
+    self-attention   q, k, v from one GEMM, split as (rows, 1, D) for
+                     com.microsoft DecoderMaskedMultiHeadAttention on the (rows, H, max_len, Dh)
                      cache, past_present_share_buffer: the new K/V goes to slot `cache_slot`,
                      beams are read through `cache_indirection` (a reorder moves no K/V), and
                      `self_mask` masks the slots a row does not own (rows at different steps);
     cross-attention  com.microsoft MultiHeadAttention: the K query rows of a sentence are its K
                      query positions against the sentence's cross K/V (B, H, S, Dh), never
                      copied per beam, with `src_mask` as key padding mask;
-    feed-forward     MatMul + Add, the activation, MatMul + Add;
-    Add & Norm       LayerNormalization after (post-norm) or before (pre-norm) each sublayer.
+    feed-forward     MatMul + Add, the activation, MatMul;
+    Add & Norm       post-norm: com.microsoft SkipLayerNormalization (output bias + residual + norm in
+                     one node); pre-norm: LayerNormalization before each sublayer, Add after.
 
 Then the output projection (Gemm over the embedding matrix when tied: stored once), log-softmax
 in float32 and only what the search reads: TopK and the eos column. The arithmetic is
@@ -81,7 +83,7 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
     d, heads = cfg.d_model, cfg.heads
     b = _Builder(np.dtype(np.float16 if float_dtype == "float16" else np.float32))
     fmt = lambda *xs: np.array(xs, dtype=np.int64)  # noqa: E731 - shape constants
-    b.init("shape.rows_1_d", fmt(-1, 1, d))
+    b.init("shape.rows_1_3d", fmt(-1, 1, 3 * d))
     b.init("shape.rows_d", fmt(-1, d))
     b.init("shape.minus1", fmt(-1))
     b.init("shape.d", fmt(d))
@@ -102,7 +104,7 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
 
     for i, layer in enumerate(cast(list[DecoderLayer], list(model.decoder_layers))):
         p = f"decoder.{i}"
-        # -- self-attention on the in-place cache
+        # -- self-attention on the in-place cache: q, k, v packed in one (R, 1, 3D) tensor
         h = b.layer_norm(x, layer.sub1.norm, f"{p}.norm1") if cfg.norm_first else x
         attn = cast(MultiHeadAttention, layer.self_attn)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -110,17 +112,16 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
         b_qkv = np.concatenate([m.bias.detach().cpu().numpy() for m in projections])
         qkv = b.node("MatMul", [h, b.init(f"{p}.self.qkv.weight_t", w_qkv.T.astype(b.float_type))], f"{p}.self.qkv")
         qkv = b.node("Add", [qkv, b.init(f"{p}.self.qkv.bias", b_qkv.astype(b.float_type))], f"{p}.self.qkv_b")
-        q, k, v = (f"{p}.self.{n}" for n in "qkv")
+        qkv = b.node("Reshape", [qkv, "shape.rows_1_3d"], f"{p}.self.qkv3")
+        q, k, v = (f"{p}.self.{n}" for n in "qkv")  # (R, 1, D) each: the CPU kernel takes no packed QKV
         b.node("Split", [qkv], [q, k, v], axis=-1, num_outputs=3)
-        q3, k3, v3 = (b.node("Reshape", [t, "shape.rows_1_d"], f"{t}3") for t in (q, k, v))
         ctx = b.node("DecoderMaskedMultiHeadAttention",
-                     [q3, k3, v3, sig.SELF_MASK, "", sig.past_k(i), sig.past_v(i), sig.CACHE_SLOT, sig.BEAM_WIDTH,
+                     [q, k, v, sig.SELF_MASK, "", sig.past_k(i), sig.past_v(i), sig.CACHE_SLOT, sig.BEAM_WIDTH,
                       sig.CACHE_INDIRECTION],
                      [f"{p}.self.ctx", sig.present_k(i), sig.present_v(i)],
                      domain=MS_DOMAIN, num_heads=heads, past_present_share_buffer=1)
         ctx = b.node("Reshape", [ctx, "shape.rows_d"], f"{p}.self.ctx2")
-        y = b.linear(ctx, attn.out_proj, f"{p}.self.out")
-        x = _outer(b, x, y, layer.sub1, cfg.norm_first, f"{p}.norm1", f"{p}.res1")
+        x = _residual(b, x, ctx, attn.out_proj, layer.sub1.norm, cfg.norm_first, f"{p}.self.out", f"{p}.norm1")
 
         # -- cross-attention: beams as query positions of their sentence
         h = b.layer_norm(x, layer.sub2.norm, f"{p}.norm2") if cfg.norm_first else x
@@ -130,14 +131,12 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
         ctx = b.node("MultiHeadAttention", [q, sig.cross_k(i), sig.cross_v(i), "", sig.SRC_MASK],
                      f"{p}.cross.ctx", domain=MS_DOMAIN, num_heads=heads)
         ctx = b.node("Reshape", [ctx, "shape.rows_d"], f"{p}.cross.ctx2")
-        y = b.linear(ctx, cross.out_proj, f"{p}.cross.out")
-        x = _outer(b, x, y, layer.sub2, cfg.norm_first, f"{p}.norm2", f"{p}.res2")
+        x = _residual(b, x, ctx, cross.out_proj, layer.sub2.norm, cfg.norm_first, f"{p}.cross.out", f"{p}.norm2")
 
         # -- feed-forward
         h = b.layer_norm(x, layer.sub3.norm, f"{p}.norm3") if cfg.norm_first else x
         y = _activation(b, b.linear(h, layer.ff.w1, f"{p}.ff.w1"), cfg.activation, f"{p}.ff.act")
-        y = b.linear(y, layer.ff.w2, f"{p}.ff.w2")
-        x = _outer(b, x, y, layer.sub3, cfg.norm_first, f"{p}.norm3", f"{p}.res3")
+        x = _residual(b, x, y, layer.ff.w2, layer.sub3.norm, cfg.norm_first, f"{p}.ff.w2", f"{p}.norm3")
 
     if cfg.norm_first:
         x = b.layer_norm(x, model.decoder_norm, "decoder.norm")
@@ -163,10 +162,18 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
     return proto
 
 
-def _outer(b: _Builder, x: str, y: str, sub: object, norm_first: bool, norm: str, name: str) -> str:
-    """Residual add, then LayerNorm in post-norm (`SublayerConnection.outer`)."""
-    out = b.node("Add", [x, y], name)
-    return out if norm_first else b.layer_norm(out, sub.norm, norm)  # type: ignore[attr-defined]
+def _residual(b: _Builder, x: str, y: str, out: Any, norm: Any, norm_first: bool, name: str, norm_name: str) -> str:
+    """`SublayerConnection.outer(x, out(y))`: the sublayer's output projection, the residual add and, in
+    post-norm, the LayerNorm. Post-norm is one com.microsoft SkipLayerNormalization node for the bias add,
+    the residual add and the norm (fewer nodes: at small batches a step costs per node)."""
+    if norm_first:
+        return b.node("Add", [x, b.linear(y, out, name)], f"{name}.residual")
+    w = b.init(f"{name}.weight_t", out.weight.detach().cpu().numpy().T.astype(b.float_type))
+    projected = b.node("MatMul", [y, w], f"{name}.matmul")
+    return b.node("SkipLayerNormalization",
+                  [projected, x, b.weight(f"{norm_name}.weight", norm.weight), b.weight(f"{norm_name}.bias", norm.bias),
+                   b.weight(f"{name}.bias", out.bias)],
+                  f"{norm_name}.out", domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
 
 
 def _activation(b: _Builder, x: str, kind: str, name: str) -> str:
