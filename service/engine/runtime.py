@@ -76,6 +76,22 @@ FIRST_SLOTS = 32  # cache slots a new loop allocates; doubled when a step needs 
 
 
 @dataclass
+class StepBuffers:
+    """The host side of a decoder call, bound once per loop shape and then written or read in place."""
+
+    rows: int
+    topk: int
+    ids: np.ndarray  # (R,) int64 input token ids
+    positions: np.ndarray  # (R,) int64
+    slot: np.ndarray  # (1,) int32 cache_slot
+    mask: np.ndarray  # (R * M,) int32: self_mask of a step is its first R * (slot+1) values, as (R, slot+1)
+    top_v: np.ndarray  # (R, k) float32 output
+    top_i: np.ndarray  # (R, k) int64 output
+    eos: np.ndarray  # (R,) float32 output
+    mask_ones: bool = True  # `mask` holds ones only (no row starts late)
+
+
+@dataclass
 class DecoderState:
     """The device-side state of one decoding loop."""
 
@@ -86,8 +102,8 @@ class DecoderState:
     indirection: np.ndarray | None = None  # (B, K, M) int32, host side
     beams: int = 0  # K: rows per sentence in the cache's layout
     slot: int = 0  # the slot the next step writes
-    binding: Any = None  # the decoder's IO binding for this loop: cross K/V, src_mask, cache stay bound
-    topk: int = 0  # the top-k width bound now
+    binding: Any = None  # the decoder's IO binding for this loop: everything stays bound, see OrtModel.step
+    io: StepBuffers | None = None  # the host buffers bound now
 
     @property
     def slots(self) -> int:
@@ -190,54 +206,78 @@ class OrtModel:
 
         request.cache_index names, for every row, the row of the previous step it continues; its
         sentence is request.sentences[row // K] of the previous step (all of them when None).
+
+        The host side of a step is a few small writes: every input and output is a host buffer bound
+        once per loop shape (rows, top-k width, cache slots) and written or read in place; only the
+        self-attention mask, whose width grows by one slot a step, is rebound (a view of one buffer).
         """
         rows = request.input_ids.shape[0]
         binding = state.binding
-        compacted = False
+        reshaped = False
         if binding is None:
             binding = state.binding = self.decoder.io_binding()
-            for name in (sig.TOPK_LOG_PROBS, sig.TOPK_IDS, sig.EOS_LOG_PROBS):  # outputs 0-2, whatever binds later
-                binding.bind_output(name, CPU)
             self._bind_sentences(binding, state)
         elif request.sentences is not None:
-            compacted = True
             self._keep_sentences(state, request.sentences)
             self._bind_sentences(binding, state)
+            reshaped = True
         sentences = state.src_mask.shape[0]
         beams = rows // sentences
         slot = state.slot
         if state.cache is None:
             self._allocate(state, sentences, beams, max(FIRST_SLOTS, slot + 1))
-            self._bind_cache(binding, state)
+            reshaped = True
         else:
-            self._reorder(state, request.cache_index, beams)
-            reshaped = compacted
+            reshaped |= self._reorder(state, request.cache_index, beams)
             if beams != state.beams:
                 self._widen(state, beams)
-                reshaped = True
             if slot >= state.slots:
                 self._grow(state, max(slot + 1, min(2 * state.slots, self.max_slots)))
                 reshaped = True
-            if reshaped:
-                self._bind_cache(binding, state)
         assert state.indirection is not None
+        io = state.io
+        if reshaped or io is None or io.rows != rows or io.topk != request.topk:
+            io = state.io = self._bind_step(binding, state, rows, request.topk)
         state.indirection[:, :, slot] = np.arange(beams, dtype=np.int32)  # every row writes its own slot
-        if request.topk != state.topk:
-            binding.bind_cpu_input(sig.TOPK, np.array([request.topk], dtype=np.int64))
-            state.topk = request.topk
-        row_start = np.repeat(state.start, beams)  # (R,)
-        binding.bind_cpu_input(sig.INPUT_IDS, np.ascontiguousarray(request.input_ids, dtype=np.int64).reshape(-1))
-        binding.bind_cpu_input(sig.POSITION, np.maximum(slot - row_start, 0))  # rows not started yet: 0
-        binding.bind_cpu_input(sig.SELF_MASK, self._self_mask(row_start, slot))
-        binding.bind_cpu_input(sig.CACHE_SLOT, np.array([slot], dtype=np.int32))
-        binding.bind_cpu_input(sig.CACHE_INDIRECTION, state.indirection)
-        binding.bind_output(sig.TOPK_LOG_PROBS, CPU)
-        binding.bind_output(sig.TOPK_IDS, CPU)
-        binding.bind_output(sig.EOS_LOG_PROBS, CPU)
+        io.ids[:] = request.input_ids.reshape(-1)
+        io.slot[0] = slot
+        mask = io.mask[: rows * (slot + 1)].reshape(rows, slot + 1)
+        if state.start.any():  # rows of different steps: positions from each sentence's first slot
+            row_start = np.repeat(state.start, beams)
+            np.maximum(slot - row_start, 0, out=io.positions)  # rows not started yet: position 0
+            np.greater_equal(np.arange(slot + 1)[None, :], row_start[:, None], out=mask, casting="unsafe")
+            io.mask_ones = False
+        else:
+            io.positions.fill(slot)
+            if not io.mask_ones:
+                io.mask.fill(1)
+                io.mask_ones = True
+        binding.bind_cpu_input(sig.SELF_MASK, mask)
         self.decoder.run_with_iobinding(binding)
         state.slot = slot + 1
-        top_v, top_i, eos = (v.numpy() for v in binding.get_outputs()[:3])
-        return StepScores(top_v, top_i, lambda: eos)
+        eos = io.eos.copy()  # copies: the buffers are the next step's
+        return StepScores(io.top_v.copy(), io.top_i.copy(), lambda: eos)
+
+    def _bind_step(self, binding: Any, state: DecoderState, rows: int, topk: int) -> StepBuffers:
+        """Fresh host buffers for a loop shape, bound once: token ids, positions, slot, indirection, the
+        mask's backing buffer, the cache (past and present on one buffer per layer) and the outputs."""
+        assert state.cache is not None and state.indirection is not None
+        io = StepBuffers(rows, topk, np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64),
+                         np.zeros(1, dtype=np.int32), np.ones(rows * state.slots, dtype=np.int32),
+                         np.zeros((rows, topk), dtype=np.float32), np.zeros((rows, topk), dtype=np.int64),
+                         np.zeros(rows, dtype=np.float32))
+        for name, value in ((sig.INPUT_IDS, io.ids), (sig.POSITION, io.positions), (sig.CACHE_SLOT, io.slot),
+                            (sig.CACHE_INDIRECTION, state.indirection),
+                            (sig.BEAM_WIDTH, np.array([state.beams], dtype=np.int32)),
+                            (sig.TOPK, np.array([topk], dtype=np.int64))):
+            binding.bind_cpu_input(name, value)  # no copy: ORT reads the numpy buffer, written in place
+        for name, value in ((sig.TOPK_LOG_PROBS, io.top_v), (sig.TOPK_IDS, io.top_i), (sig.EOS_LOG_PROBS, io.eos)):
+            binding.bind_output(name, CPU, 0, value.dtype, list(value.shape), value.ctypes.data)
+        for past, present, value in zip(self._past_names, self._present_names, state.cache, strict=True):
+            ort_value = ort.OrtValue.ortvalue_from_numpy(value) if self.device == CPU else value
+            binding.bind_ortvalue_input(past, ort_value)
+            binding.bind_ortvalue_output(present, ort_value)
+        return io
 
     @property
     def max_slots(self) -> int:
@@ -296,29 +336,19 @@ class OrtModel:
         state.indirection = indirection
 
     @staticmethod
-    def _reorder(state: DecoderState, cache_index: np.ndarray, beams: int) -> None:
+    def _reorder(state: DecoderState, cache_index: np.ndarray, beams: int) -> bool:
         """Row (b, i) of this step continues beam cache_index[r] % K of its sentence (K: the previous
-        step's rows per sentence): it inherits that beam's slots, so (b, i) reads them where they are."""
+        step's rows per sentence): it inherits that beam's slots, so (b, i) reads them where they are.
+        Written into the bound table in place; True when its shape changed (a beam search widening)."""
         assert state.indirection is not None
         sentences = state.indirection.shape[0]
         origin = (np.asarray(cache_index) % state.beams).reshape(sentences, beams, 1)
-        state.indirection = np.ascontiguousarray(np.take_along_axis(state.indirection, origin, axis=1))
-
-    @staticmethod
-    def _self_mask(row_start: np.ndarray, slot: int) -> np.ndarray:
-        """(R, slot+1) int32: 1 where a row owns a slot (from its start to `slot`)."""
-        if not row_start.any():
-            return np.ones((row_start.size, slot + 1), dtype=np.int32)
-        return (np.arange(slot + 1)[None, :] >= row_start[:, None]).astype(np.int32)
-
-    def _bind_cache(self, binding: Any, state: DecoderState) -> None:
-        """Each layer's past and present K/V bound to ONE buffer: the graph writes the new slot into it."""
-        assert state.cache is not None
-        binding.bind_cpu_input(sig.BEAM_WIDTH, np.array([state.beams], dtype=np.int32))
-        for past, present, value in zip(self._past_names, self._present_names, state.cache, strict=True):
-            ort_value = ort.OrtValue.ortvalue_from_numpy(value) if self.device == CPU else value
-            binding.bind_ortvalue_input(past, ort_value)
-            binding.bind_ortvalue_output(present, ort_value)
+        table = np.take_along_axis(state.indirection, origin, axis=1)
+        if table.shape == state.indirection.shape:
+            state.indirection[...] = table
+            return False
+        state.indirection = table
+        return True
 
     def _bind_sentences(self, binding: Any, state: DecoderState) -> None:
         """Bind what is per live sentence: the padding mask and the cross K/V."""
