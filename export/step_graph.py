@@ -13,9 +13,8 @@ updated in place and read through an indirection. Per decoder layer:
     cross-attention  com.microsoft MultiHeadAttention: the K query rows of a sentence are its K
                      query positions against the sentence's cross K/V (B, H, S, Dh), never
                      copied per beam, with `src_mask` as key padding mask;
-    feed-forward     MatMul + Add, the activation, MatMul;
-    Add & Norm       post-norm: com.microsoft SkipLayerNormalization (output bias + residual + norm in
-                     one node); pre-norm: LayerNormalization before each sublayer, Add after.
+    feed-forward     MatMul + Add, the activation, MatMul + Add;
+    Add & Norm       LayerNormalization after (post-norm) or before (pre-norm) each sublayer.
 
 Then the output projection (Gemm over the embedding matrix when tied: stored once), log-softmax
 in float32 and only what the search reads: TopK and the eos column. The arithmetic is
@@ -163,17 +162,12 @@ def build_decoder(model: Transformer, float_dtype: str = "float32") -> onnx.Mode
 
 
 def _residual(b: _Builder, x: str, y: str, out: Any, norm: Any, norm_first: bool, name: str, norm_name: str) -> str:
-    """`SublayerConnection.outer(x, out(y))`: the sublayer's output projection, the residual add and, in
-    post-norm, the LayerNorm. Post-norm is one com.microsoft SkipLayerNormalization node for the bias add,
-    the residual add and the norm (fewer nodes: at small batches a step costs per node)."""
-    if norm_first:
-        return b.node("Add", [x, b.linear(y, out, name)], f"{name}.residual")
-    w = b.init(f"{name}.weight_t", out.weight.detach().cpu().numpy().T.astype(b.float_type))
-    projected = b.node("MatMul", [y, w], f"{name}.matmul")
-    return b.node("SkipLayerNormalization",
-                  [projected, x, b.weight(f"{norm_name}.weight", norm.weight), b.weight(f"{norm_name}.bias", norm.bias),
-                   b.weight(f"{name}.bias", out.bias)],
-                  f"{norm_name}.out", domain=MS_DOMAIN, epsilon=LAYER_NORM_EPS)
+    """`SublayerConnection.outer(x, out(y))`: the sublayer's output projection (MatMul + bias, which ONNX
+    Runtime fuses into one Gemm), the residual add and, in post-norm, the LayerNorm. Measured against
+    com.microsoft SkipLayerNormalization (bias, residual and norm in one node): its CPU kernel took 142 us
+    at 128 rows x 256 where Add + LayerNormalization take 21 us, and 8.7 us against 5.4 us at 4 rows."""
+    out_sum = b.node("Add", [x, b.linear(y, out, name)], f"{name}.residual")
+    return out_sum if norm_first else b.layer_norm(out_sum, norm, norm_name)
 
 
 def _activation(b: _Builder, x: str, kind: str, name: str) -> str:
