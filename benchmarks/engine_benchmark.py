@@ -45,8 +45,28 @@ BEAM = 4
 MAX_LENGTH = 256
 
 
+FIXED_LENGTH = 0  # --fixed-length: every output exactly this many tokens with eos (models with random weights)
+
+
 def options() -> DecodingOptions:
+    if FIXED_LENGTH:  # eos blocked before the last step, forced at it
+        return DecodingOptions(beam_size=BEAM, min_decoding_length=FIXED_LENGTH - 1, max_decoding_length=FIXED_LENGTH,
+                               max_decoding_length_ratio=0.0)
     return DecodingOptions(beam_size=BEAM, max_decoding_length=MAX_LENGTH, max_decoding_length_ratio=0.0)
+
+
+def ct2_lengths() -> dict[str, int]:
+    """CTranslate2's length options for `options()`: its lengths count tokens without eos."""
+    if FIXED_LENGTH:
+        return dict(min_decoding_length=FIXED_LENGTH - 1, max_decoding_length=FIXED_LENGTH - 1)
+    return dict(max_decoding_length=MAX_LENGTH - 1)
+
+
+def source_lines(args: argparse.Namespace) -> list[str]:
+    """--source's lines, or test_2016_flickr's German side."""
+    if args.source:
+        return Path(args.source).read_text(encoding="utf-8").splitlines()
+    return read(args.data_dir / "test_2016_flickr.de.gz")
 
 
 def peak_rss_mb() -> float:
@@ -157,7 +177,7 @@ def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int, compute_
     threads = dict(inter_threads=cores(), intra_threads=1) if device == "cpu" else {}
     translator = ctranslate2.Translator(ct2_dir, device=device, compute_type=compute_type, **threads)
     src = [hf.encode(s, add_special_tokens=False).tokens + ["</s>"] for s in lines]
-    kwargs = dict(beam_size=BEAM, max_batch_size=batch, max_decoding_length=MAX_LENGTH - 1)
+    kwargs: dict[str, Any] = dict(beam_size=BEAM, max_batch_size=batch, **ct2_lengths())
     translator.translate_batch(src[:8], **kwargs)  # warm-up
     texts: list[str] = []
     lengths: list[int] = []
@@ -173,7 +193,7 @@ def run_ct2(ct2_dir: str, tokenizer: str, lines: list[str], batch: int, compute_
 
 
 def child(args: argparse.Namespace) -> int:
-    lines = read(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
+    lines = source_lines(args)[: args.sentences]
     system = args.child
     extra_rss = 0.0
     if system.startswith("engine-"):
@@ -208,7 +228,7 @@ def prepare_ct2(args: argparse.Namespace) -> None:
 
     if not (args.ct2_dir / "model.bin").exists():
         ct2_convert.convert(Path(args.checkpoint), args.ct2_dir)
-    lines = read(args.data_dir / "test_2016_flickr.de.gz")[:100]
+    lines = source_lines(args)[:100]
     report = ct2_convert.check(Path(args.checkpoint), args.ct2_dir, lines)
     print(f"CTranslate2 conversion check: {report}", file=sys.stderr)
 
@@ -262,10 +282,10 @@ def parent(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if any(s.startswith("ct2") for s in systems):
         prepare_ct2(args)
-    refs = read(args.data_dir / "test_2016_flickr.en.gz")[: args.sentences]
+    refs = None if args.source else read(args.data_dir / "test_2016_flickr.en.gz")[: args.sentences]
     common = ["--data-dir", str(args.data_dir), "--sentences", str(args.sentences), "--checkpoint", args.checkpoint,
               "--fp32", args.fp32, "--int8", args.int8, "--fp16", args.fp16, "--ct2-dir", str(args.ct2_dir),
-              "--device", args.device]
+              "--device", args.device, "--source", args.source, "--fixed-length", str(args.fixed_length)]
     # Rounds: every (system, batch) once per round, so slow drifts of the machine hit all alike;
     # each cell reports the median round (by sentences/s).
     runs = [(r, s, b) for r in range(args.repeat) for b in batches for s in systems]
@@ -282,7 +302,7 @@ def parent(args: argparse.Namespace) -> int:
             "system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
             "sentences_per_s": len(res["texts"]) / seconds, "tokens_per_s": sum(res["lengths"]) / seconds,
             "peak_rss_mb": res["peak_rss_mb"], "cpu_ms_per_sentence": 1000 * res["cpu_seconds"] / len(res["texts"]),
-            "bleu": sacrebleu.corpus_bleu(res["texts"], [refs]).score})
+            "bleu": float("nan") if refs is None else sacrebleu.corpus_bleu(res["texts"], [refs]).score})
     rows: list[dict[str, Any]] = []
     for runs_of_cell in samples.values():
         ranked = sorted(runs_of_cell, key=lambda r: r["sentences_per_s"])
@@ -297,7 +317,9 @@ def parent(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
     where = f"{cores()} CPU cores" if args.device == "cpu" else "GPU"
-    title = f"test_2016_flickr DE->EN, {args.sentences} sentences, beam {BEAM}, {where} ({time.strftime('%Y-%m-%d')})"
+    data = f"{Path(args.source).name}" if args.source else "test_2016_flickr DE->EN"
+    fixed = f", every output {args.fixed_length} tokens" if args.fixed_length else ""
+    title = f"{data}, {args.sentences} sentences, beam {BEAM}{fixed}, {where} ({time.strftime('%Y-%m-%d')})"
     stem = "engine_benchmark" if args.device == "cpu" else "engine_benchmark_gpu"
     (args.out / f"{stem}.md").write_text(f"{title}\n\n{md}")
     (args.out / f"{stem}.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
@@ -317,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct2-dir", type=Path, default=Path("/tmp/rosetta-ct2"), help="converted CT2 model (made)")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
     parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--source", default="", help="sentences to translate (one per line) instead of "
+                        "test_2016_flickr; BLEU is then not computed (benchmarks/base_model.py writes one)")
+    parser.add_argument("--fixed-length", type=int, default=0,
+                        help="every output exactly N tokens with eos, in every system (random-weight models)")
     parser.add_argument("--batch-sizes", default="32,1")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each cell reports the median round")
@@ -326,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global FIXED_LENGTH
+    FIXED_LENGTH = args.fixed_length
     if args.replot:
         stem = "engine_benchmark" if args.device == "cpu" else "engine_benchmark_gpu"
         saved = json.loads((args.out / f"{stem}.json").read_text())

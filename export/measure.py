@@ -46,12 +46,15 @@ def graph_calls(g: OrtGraphs, batch: int, beams: int, src_len: int, past_len: in
     src = rng.integers(4, vocab, size=(batch, src_len))
     src[batch // 2 :, src_len - 5 :] = g.pad_id  # half the batch padded
     rows = batch * beams
-    shape = (rows, g.heads, past_len, g.head_dim)
-    past = [rng.standard_normal(shape).astype(g.float_dtype) for _ in range(2 * g.layers)]
+    shape = (rows, g.heads, past_len + 1, g.head_dim)  # a cache with room for this step's slot
+    cache = [rng.standard_normal(shape).astype(g.float_dtype) for _ in range(2 * g.layers)]
+    indirection = rng.integers(0, beams, size=(batch, beams, past_len + 1)).astype(np.int32)
     ids = rng.integers(4, vocab, size=(rows, 1))
-    pos, index, mask = np.full(rows, past_len), np.arange(rows), src != g.pad_id
+    pos, mask = np.full(rows, past_len), src != g.pad_id
+    self_mask = np.ones((rows, past_len + 1), dtype=np.int32)
     cross = g.encode(src)
-    return (lambda: g.encode(src)), (lambda: g.step(ids, pos, mask, cross, past, index, topk=2 * beams))
+    return (lambda: g.encode(src)), (lambda: g.step_in_place(ids, pos, self_mask, mask, cross, cache, indirection,
+                                                             past_len, topk=2 * beams + 3, vocab_wide=False))
 
 
 def measure(entries: list[Path], levels: list[str], threads: int = 1, repeats: int = 40, batch: int = 16,

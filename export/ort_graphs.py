@@ -94,10 +94,11 @@ class OrtGraphs:
 
     def step_in_place(self, input_ids: np.ndarray, position: np.ndarray, self_mask: np.ndarray,
                       src_mask: np.ndarray, cross: list[np.ndarray], cache: list[np.ndarray],
-                      indirection: np.ndarray, slot: int, topk: int = 1) -> StepOutput:
+                      indirection: np.ndarray, slot: int, topk: int = 1, vocab_wide: bool = True) -> StepOutput:
         """One call of the graph as declared: `cache` (per layer k, v: (R, H, M, Dh) numpy) is updated in
-        place at `slot`; indirection (B, K, M); self_mask (R, slot + 1). log_probs come from a top-k as wide
-        as the vocabulary (this runner checks, it is not fast); topk_* are the first `topk` columns."""
+        place at `slot`; indirection (B, K, M); self_mask (R, slot + 1). With `vocab_wide` the graph is asked
+        for a top-k as wide as the vocabulary, from which log_probs are rebuilt (checks); without, for
+        `topk` only, as the engine asks (timing), and log_probs is empty."""
         rows = input_ids.shape[0]
         binding = self.decoder.io_binding()
         feeds = {
@@ -108,7 +109,7 @@ class OrtGraphs:
             sig.BEAM_WIDTH: np.array([rows // src_mask.shape[0]], dtype=np.int32),
             sig.CACHE_INDIRECTION: np.ascontiguousarray(indirection, dtype=np.int32),
             sig.SRC_MASK: np.ascontiguousarray(src_mask, dtype=np.int32),
-            sig.TOPK: np.array([self.vocab_size], dtype=np.int64),
+            sig.TOPK: np.array([self.vocab_size if vocab_wide else topk], dtype=np.int64),
         }
         for i in range(self.layers):
             feeds[sig.cross_k(i)], feeds[sig.cross_v(i)] = cross[2 * i], cross[2 * i + 1]
@@ -123,6 +124,8 @@ class OrtGraphs:
                 binding.bind_ortvalue_output(present, value)
         self.decoder.run_with_iobinding(binding)
         values, ids, eos = (v.numpy() for v in binding.get_outputs()[:3])
+        if not vocab_wide:
+            return StepOutput(np.empty((rows, 0), dtype=np.float32), values, ids, eos, cache)
         log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)
         np.put_along_axis(log_probs, ids, values, axis=1)
         return StepOutput(log_probs, values[:, :topk], ids[:, :topk], eos, cache)
