@@ -104,6 +104,7 @@ class DecoderState:
     slot: int = 0  # the slot the next step writes
     binding: Any = None  # the decoder's IO binding for this loop: everything stays bound, see OrtModel.step
     io: StepBuffers | None = None  # the host buffers bound now
+    reshaped: bool = False  # sentences joined or the cache moved since the last bind: bind again
 
     @property
     def slots(self) -> int:
@@ -202,44 +203,55 @@ class OrtModel:
         return DecoderState(cross, src_mask, np.zeros(src_ids.shape[0], dtype=np.int64))
 
     def step(self, state: DecoderState, request: StepRequest) -> StepScores:
-        """One decoder call for the rows of `request`; updates `state` (cache, indirection, live sentences).
+        """One decoder call for the rows of `request` (a search's); updates `state` (cache, indirection,
+        live sentences). request.cache_index names, for every row, the row of the previous step it
+        continues, in the sentence request.sentences[row // K] of the previous step (all when None)."""
+        origin = np.asarray(request.cache_index) % max(state.beams, 1)  # the beam within its sentence
+        return self.step_rows(state, request.input_ids.reshape(-1), origin, request.sentences, request.topk)
 
-        request.cache_index names, for every row, the row of the previous step it continues; its
-        sentence is request.sentences[row // K] of the previous step (all of them when None).
+    def step_rows(self, state: DecoderState, input_ids: np.ndarray, origin: np.ndarray,
+                  keep: np.ndarray | None, topk: int) -> StepScores:
+        """One decoder call: first only the previous step's sentences `keep` stay (None: all), then row
+        (b, i) continues beam origin[b*K + i] of its sentence b and is fed input_ids[b*K + i]. K (rows per
+        sentence) may grow from one step to the next (a beam search after its first step).
 
         The host side of a step is a few small writes: every input and output is a host buffer bound
         once per loop shape (rows, top-k width, cache slots) and written or read in place; only the
         self-attention mask, whose width grows by one slot a step, is rebound (a view of one buffer).
         """
-        rows = request.input_ids.shape[0]
+        rows = input_ids.shape[0]
         binding = state.binding
-        reshaped = False
+        reshaped = state.reshaped
         if binding is None:
             binding = state.binding = self.decoder.io_binding()
-            self._bind_sentences(binding, state)
-        elif request.sentences is not None:
-            self._keep_sentences(state, request.sentences)
-            self._bind_sentences(binding, state)
             reshaped = True
+        if keep is not None:
+            self._keep_sentences(state, np.asarray(keep))
+            reshaped = True
+        if reshaped:
+            self._bind_sentences(binding, state)
         sentences = state.src_mask.shape[0]
         beams = rows // sentences
-        slot = state.slot
         if state.cache is None:
-            self._allocate(state, sentences, beams, max(FIRST_SLOTS, slot + 1))
+            self._allocate(state, sentences, beams, max(FIRST_SLOTS, state.slot + 1))
             reshaped = True
         else:
-            reshaped |= self._reorder(state, request.cache_index, beams)
+            reshaped |= self._reorder(state, origin, beams)
             if beams != state.beams:
                 self._widen(state, beams)
-            if slot >= state.slots:
-                self._grow(state, max(slot + 1, min(2 * state.slots, self.max_slots)))
+            if state.slot >= state.slots:
+                self._rebase(state)
+            if state.slot >= state.slots:
+                self._grow(state, max(state.slot + 1, min(2 * state.slots, 2 * self.max_slots)))
                 reshaped = True
+        state.reshaped = False
+        slot = state.slot
         assert state.indirection is not None
         io = state.io
-        if reshaped or io is None or io.rows != rows or io.topk != request.topk:
-            io = state.io = self._bind_step(binding, state, rows, request.topk)
+        if reshaped or io is None or io.rows != rows or io.topk != topk:
+            io = state.io = self._bind_step(binding, state, rows, topk)
         state.indirection[:, :, slot] = np.arange(beams, dtype=np.int32)  # every row writes its own slot
-        io.ids[:] = request.input_ids.reshape(-1)
+        io.ids[:] = input_ids
         io.slot[0] = slot
         mask = io.mask[: rows * (slot + 1)].reshape(rows, slot + 1)
         if state.start.any():  # rows of different steps: positions from each sentence's first slot
@@ -257,6 +269,58 @@ class OrtModel:
         state.slot = slot + 1
         eos = io.eos.copy()  # copies: the buffers are the next step's
         return StepScores(io.top_v.copy(), io.top_i.copy(), lambda: eos)
+
+    def keep(self, state: DecoderState, sentences: np.ndarray) -> None:
+        """Only `sentences` (indices of the live ones, in order) stay in the loop; the next step rebinds."""
+        self._keep_sentences(state, np.asarray(sentences, dtype=np.int64))
+        state.reshaped = True
+
+    def admit(self, state: DecoderState, src_ids: np.ndarray) -> None:
+        """Sentences join a running loop: src_ids (B', S') padded, encoded apart and appended after the
+        live sentences (cross K/V and masks padded to the longer source). Their rows start at the next
+        step's slot with position 0, K rows each (the loop's width, zeroed cache); the next step_rows
+        feeds them like any other row."""
+        new = self.encode(src_ids)
+        width = max(state.src_mask.shape[1], new.src_mask.shape[1])
+        state.cross = [self._concat_padded(old, add, width) for old, add in zip(state.cross, new.cross, strict=True)]
+        mask = np.zeros((state.src_mask.shape[0] + new.src_mask.shape[0], width), dtype=np.int32)
+        mask[: state.src_mask.shape[0], : state.src_mask.shape[1]] = state.src_mask
+        mask[state.src_mask.shape[0]:, : new.src_mask.shape[1]] = new.src_mask
+        state.src_mask = mask
+        state.start = np.concatenate([state.start, np.full(src_ids.shape[0], state.slot, dtype=np.int64)])
+        if state.cache is not None and state.indirection is not None:
+            rows = src_ids.shape[0] * state.beams
+            state.cache = [self._concat_padded(old, self._zeros((rows, *old.shape[1:])), None) for old in state.cache]
+            state.indirection = np.concatenate(
+                [state.indirection, np.zeros((src_ids.shape[0], *state.indirection.shape[1:]), dtype=np.int32)])
+        state.reshaped = True
+
+    def _concat_padded(self, old: Any, add: Any, width: int | None) -> Any:
+        """old and add joined along axis 0, both padded with zeros to `width` on axis 2 (None: as they are)."""
+        a, b = (v if self.device == CPU else v.numpy() for v in (old, add))
+        if width is not None:
+            a, b = (np.pad(v, [(0, 0), (0, 0), (0, width - v.shape[2]), (0, 0)]) for v in (a, b))
+        return self._to_device(np.concatenate([a, b]))
+
+    def _rebase(self, state: DecoderState) -> None:
+        """Slots before every live sentence's first one are free: shift the cache left over them (a loop
+        that runs for long reuses its slots instead of growing without end)."""
+        shift = int(state.start.min()) if state.start.size else state.slot
+        if shift <= 0:
+            return
+        assert state.cache is not None and state.indirection is not None
+        keep = state.slots - shift
+
+        def shifted(value: Any) -> Any:
+            host = value if self.device == CPU else value.numpy()
+            host[:, :, :keep] = host[:, :, shift:].copy()
+            return value if self.device == CPU else self._to_device(host)
+
+        state.cache = [shifted(v) for v in state.cache]
+        state.indirection[:, :, :keep] = state.indirection[:, :, shift:].copy()
+        state.start = state.start - shift
+        state.slot -= shift
+        state.reshaped = True
 
     def _bind_step(self, binding: Any, state: DecoderState, rows: int, topk: int) -> StepBuffers:
         """Fresh host buffers for a loop shape, bound once: token ids, positions, slot, indirection, the
@@ -336,14 +400,13 @@ class OrtModel:
         state.indirection = indirection
 
     @staticmethod
-    def _reorder(state: DecoderState, cache_index: np.ndarray, beams: int) -> bool:
-        """Row (b, i) of this step continues beam cache_index[r] % K of its sentence (K: the previous
-        step's rows per sentence): it inherits that beam's slots, so (b, i) reads them where they are.
-        Written into the bound table in place; True when its shape changed (a beam search widening)."""
+    def _reorder(state: DecoderState, origin: np.ndarray, beams: int) -> bool:
+        """Row (b, i) of this step continues beam origin[b*K + i] of its sentence: it inherits that beam's
+        slots, so (b, i) reads them where they are. Written into the bound table in place; True when the
+        table's shape changed (a beam search widening)."""
         assert state.indirection is not None
         sentences = state.indirection.shape[0]
-        origin = (np.asarray(cache_index) % state.beams).reshape(sentences, beams, 1)
-        table = np.take_along_axis(state.indirection, origin, axis=1)
+        table = np.take_along_axis(state.indirection, np.asarray(origin).reshape(sentences, beams, 1), axis=1)
         if table.shape == state.indirection.shape:
             state.indirection[...] = table
             return False

@@ -1,0 +1,92 @@
+"""Step-level batching at the engine: sentences that join a running loop and leave it decode as alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine import Engine, EngineConfig
+from service.engine.loop import DecodeLoop
+from service.options import DecodingOptions
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_repository_entry: Path) -> Engine:
+    return Engine.load(tiny_repository_entry, EngineConfig(provider="cpu", intra_op_threads=1))
+
+
+@pytest.fixture(scope="module")
+def sources(engine: Engine, german: list[str]) -> list[list[int]]:
+    return engine.tokenizer.encode_batch(german[:12])
+
+
+OPTIONS = [
+    DecodingOptions(beam_size=4),
+    DecodingOptions(beam_size=1),
+    DecodingOptions(beam_size=4, length_penalty=0.6, num_hypotheses=3),
+    DecodingOptions(beam_size=2, min_decoding_length=3, max_decoding_length=12),
+    DecodingOptions(beam_size=4, max_decoding_length=9),
+]
+
+
+def _same(got, want) -> None:  # type: ignore[no-untyped-def]
+    assert got.finish_reason == want.finish_reason
+    assert [h.tokens for h in got.hypotheses] == [h.tokens for h in want.hypotheses]
+    np.testing.assert_allclose([h.score for h in got.hypotheses], [h.score for h in want.hypotheses], atol=1e-4)
+
+
+def test_staggered_arrivals_with_mixed_options_decode_as_each_sentence_alone(
+        engine: Engine, sources: list[list[int]]) -> None:
+    loop = DecodeLoop(engine)
+    plan = {0: [0, 1], 1: [2], 3: [3, 4, 5], 4: [6], 7: [7, 8], 9: [9, 10, 11]}  # step -> sources joining
+    jobs, step, rows_seen = [], 0, set()
+    while step <= max(plan) or not loop.idle:
+        for i in plan.get(step, []):
+            options = OPTIONS[i % len(OPTIONS)]
+            jobs += [(i, options, job) for job in loop.submit([sources[i]], options)]
+        loop.step()
+        rows_seen.add(loop.live_rows)
+        step += 1
+    assert len(rows_seen) > 3  # the loop really grew and shrank
+    for i, options, job in jobs:
+        alone = engine.translate_ids([sources[i]], options)[0]
+        assert job.result is not None
+        _same(job.result, alone)
+
+
+def test_a_cohort_of_several_sentences_joining_mid_loop_matches_one_batch(
+        engine: Engine, sources: list[list[int]]) -> None:
+    loop = DecodeLoop(engine)
+    options = DecodingOptions(beam_size=4)
+    first = loop.submit(sources[:3], options)
+    for _ in range(2):
+        loop.step()
+    second = loop.submit(sources[3:8], options)
+    while not loop.idle:
+        loop.step()
+    for job, want in zip(first + second, engine.translate_ids(sources[:8], options), strict=True):
+        assert job.result is not None
+        _same(job.result, want)
+
+
+def test_a_loop_that_runs_long_reuses_its_cache_slots(engine: Engine, sources: list[list[int]]) -> None:
+    """Sentences keep joining for more steps than the positional table has rows: the cache shifts over the
+    slots no live sentence owns any more instead of growing, and late sentences still decode as alone."""
+    loop = DecodeLoop(engine)
+    options = DecodingOptions(beam_size=2, max_decoding_length=8)
+    jobs = []
+    limit = engine.entry.config.max_positions
+    widest = 0
+    for step in range(limit + 40):
+        if step % 3 == 0:
+            jobs += loop.submit([sources[step % len(sources)]], options)
+        loop.step()
+        widest = max([widest] + [lane.state.slots for lane in loop.lanes.values()])
+    while not loop.idle:
+        loop.step()
+    assert 0 < widest < limit // 2  # a few sentences of <= 8 steps: never near the table's length
+    assert all(j.result is not None for j in jobs)
+    for job in (jobs[0], jobs[len(jobs) // 2], jobs[-1]):
+        _same(job.result, engine.translate_ids([job.source], options)[0])
