@@ -46,6 +46,9 @@ class ModelSpec:
         return model_dir / max(versions, key=(lambda v: int(v)) if numeric else (lambda v: v))
 
 
+SCHEDULERS = ("loop", "batch")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one `rosetta serve` process. Limits are enforced per request with INVALID_ARGUMENT."""
@@ -67,7 +70,11 @@ class ServerConfig:
     # Models
     model_repository: str = "models/model_repository"  # folder of NAME/VERSION entries
     models: str = "de-en"  # comma-separated NAME or NAME/VERSION entries to load; the first is the default
-    # Batching scheduler
+    # Scheduling: "loop" (step-level: sentences join a running decode loop between two decoder steps,
+    # service/server/loop_scheduler.py) or "batch" (request-level: batches of equal options run to their end)
+    scheduler: str = "batch"
+    max_live_rows: int = 256  # "loop": decoder rows (sentences x beams) one decode loop runs at most
+    # Batching scheduler ("batch"; max_queue_sentences and max_batch_kv_bytes bound "loop" too)
     max_batch_sentences: int = 64  # sentences per engine batch
     max_batch_tokens: int = 4096  # padded source tokens per engine batch (sentences * longest)
     max_wait_ms: float = 5.0  # how long the oldest queued sentence may wait for a fuller batch
@@ -108,7 +115,9 @@ class ServerConfig:
         positive = ("max_batch_sentences", "max_batch_tokens", "max_queue_sentences",
                     "max_sentences_per_request", "max_sentences_per_stream", "max_input_tokens",
                     "max_beam_size", "max_output_tokens", "max_message_bytes", "max_input_bytes", "max_pending_calls",
-                    "max_request_decode_tokens", "max_batch_kv_bytes")
+                    "max_request_decode_tokens", "max_batch_kv_bytes", "max_live_rows")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

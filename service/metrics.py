@@ -22,6 +22,7 @@ QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ENCODER_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 SENTENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS_PATH = "/metrics"  # the only path the listener answers; deploy/ scrapes it
@@ -76,6 +77,18 @@ class ServerMetrics:
             "rosetta_dropped_sentences", "Sentences removed unfinished, from the queue or from a running batch at the "
             "next decoder step, by reason: deadline_exceeded, cancelled (the caller left), shutdown.",
             ["model", "reason"], registry=r)
+        self.decoder_step_rows = Histogram(
+            "rosetta_decoder_step_rows", "Hypothesis rows (sentences x beams) of one decoder step.",
+            ["model"], buckets=ROW_BUCKETS, registry=r)
+        self.live_rows = Gauge(
+            "rosetta_live_rows", "Rows in the running decode loops (scheduler=loop), after their last step.",
+            ["model"], registry=r)
+        self.loop_admitted = Counter(
+            "rosetta_loop_admitted_sentences", "Sentences admitted into a running decode loop (scheduler=loop).",
+            ["model"], registry=r)
+        self.loop_finished = Counter(
+            "rosetta_loop_finished_sentences", "Sentences that finished in a decode loop (scheduler=loop).",
+            ["model"], registry=r)
         self.model_info = Gauge(
             "rosetta_model_info", "A loaded model (always 1).",
             ["model", "version", "precision", "provider", "source_lang", "target_lang"], registry=r)
@@ -166,8 +179,17 @@ class ModelMetrics:
         self.metrics.encoder_duration.labels(self.model).observe(seconds)
 
     def on_decoder_step(self, seconds: float, rows: int) -> None:
-        del rows  # rows per step is visible through batch size; kept in the signature for the engine
         self.metrics.decoder_step_duration.labels(self.model).observe(seconds)
+        self.metrics.decoder_step_rows.labels(self.model).observe(rows)
+
+    def on_loop(self, admitted: int, finished: int, live_rows: int) -> None:
+        """One step of a decode loop (scheduler=loop): sentences that joined and left, rows after it."""
+        m = self.metrics
+        if admitted:
+            m.loop_admitted.labels(self.model).inc(admitted)
+        if finished:
+            m.loop_finished.labels(self.model).inc(finished)
+        m.live_rows.labels(self.model).set(live_rows)
 
     def on_batch(self, sentences: int, real_tokens: int, padded_tokens: int) -> None:
         m = self.metrics

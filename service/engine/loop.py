@@ -22,6 +22,7 @@ width of a running lane. Shapes: B sentences, K beams, R = B*K rows.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from service.engine.runtime import DecoderState
-from service.engine.search import Search, StepRequest, StepScores, make_search
+from service.engine.search import ABANDONED, KEEP, Search, StepRequest, StepScores, make_search
 from service.options import DecodingOptions, TranslationResult
 
 _ids = itertools.count()
@@ -66,8 +67,10 @@ class _Lane:
 class DecodeLoop:
     """One running decode loop over one engine. Not thread-safe: one thread submits and steps."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, observer: Any = None) -> None:
+        """`observer`: service.engine.EngineObserver, told each encoder call's and decoder step's time."""
         self.engine = engine
+        self.observer = observer
         self.runtime = engine.runtime
         self.lanes: dict[int, _Lane] = {}
         self._pending: list[tuple[list[Job], DecodingOptions]] = []
@@ -103,6 +106,55 @@ class DecodeLoop:
                 del self.lanes[beams]
         return done
 
+    def drop(self, codes: dict[Job, int]) -> list[Job]:
+        """End live or pending jobs early, by search code (service.engine.search): ABANDON (nobody waits:
+        result without hypotheses, finish reason "abandoned") or STOP_PARTIAL (its best hypotheses so far,
+        finish reason "deadline"); their rows leave before the next step. Returns the jobs ended."""
+        ended: list[Job] = []
+        for jobs, options in list(self._pending):
+            gone = [j for j in jobs if codes.get(j, KEEP) != KEEP]
+            for job in gone:
+                job.result = TranslationResult([], ABANDONED)
+            ended += gone
+            if gone:
+                self._pending.remove((jobs, options))
+                rest = [j for j in jobs if j not in gone]
+                if rest:
+                    self._pending.append((rest, options))
+        for beams, lane in list(self.lanes.items()):
+            keep: list[np.ndarray] = []
+            changed, sentence, survivors = False, 0, []
+            for c in lane.cohorts:
+                assert c.request is not None
+                order = np.asarray(c.search.alive)  # type: ignore[attr-defined]  # original index of each live one
+                cohort_codes = np.array([codes.get(j, KEEP) for j in c.jobs], dtype=np.int8)
+                lost = cohort_codes[order] != KEEP
+                kept = np.flatnonzero(~lost)
+                if lost.any():
+                    changed = True
+                    c.request = c.search.drop(c.request, cohort_codes)
+                    results = c.search.results()
+                    for i in order[lost].tolist():
+                        c.jobs[i].result = self.engine._detokenize(results[i])
+                        ended.append(c.jobs[i])
+                keep.append(sentence + kept)
+                sentence += c.live
+                c.live = int(kept.size)
+                if c.request is not None:
+                    survivors.append(c)
+            lane.cohorts = survivors
+            if not survivors:
+                del self.lanes[beams]
+            elif changed:
+                self.runtime.keep(lane.state, np.concatenate(keep))
+        return ended
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Every job not finished yet: pending ones and those decoding."""
+        live = [j for lane in self.lanes.values() for c in lane.cohorts for j in c.jobs if j.result is None]
+        return [j for jobs, _ in self._pending for j in jobs] + live
+
     # -- inside --------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
@@ -111,10 +163,13 @@ class DecodeLoop:
             src, max_lens = self.engine.pad_sources([j.source for j in jobs], options)
             beams = options.beam_size
             lane = self.lanes.get(beams)
+            started = time.perf_counter()
             if lane is None:
                 lane = self.lanes[beams] = _Lane(beams, self.runtime.encode(src))
             else:
                 self.runtime.admit(lane.state, src)
+            if self.observer is not None:
+                self.observer.on_encoder(time.perf_counter() - started)
             search = make_search(max_lens, options, self.engine.special_ids, self.engine.vocab_size)
             lane.cohorts.append(_Cohort(jobs, search, search.start(), len(jobs)))
 
@@ -132,7 +187,11 @@ class DecodeLoop:
                 ids.append(tokens)
                 origin.append(np.asarray(request.cache_index) % k)
             topk = max(topk, request.topk)
+        started = time.perf_counter()
+        rows = sum(x.size for x in ids)
         scores = self.runtime.step_rows(lane.state, np.concatenate(ids), np.concatenate(origin), None, topk)
+        if self.observer is not None:
+            self.observer.on_decoder_step(time.perf_counter() - started, rows)
         done: list[Job] = []
         keep: list[np.ndarray] = []
         row, sentence, changed = 0, 0, False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from service.config import ServerConfig
 from service.engine.search import ABANDONED, Abandoned
 from service.metrics import ModelMetrics, ServerMetrics
 from service.options import DecodingOptions, TranslationResult
+from service.server.loop_scheduler import LoopConfig, LoopScheduler
 from service.server.results import SentenceTranslation, ServedHypothesis
 from service.server.scheduler import BatchRunner, Scheduler, SchedulerConfig
 
@@ -27,7 +28,7 @@ class ServedModel:
     provider: str
     tokenizer: Any  # service.tokenizer.Tokenizer
     engine: Any  # service.engine.Engine
-    scheduler: Scheduler
+    scheduler: Scheduler | LoopScheduler
     metrics: ModelMetrics
     max_input_tokens: int  # ServerConfig.max_input_tokens, lowered to what the model's positions allow
 
@@ -42,9 +43,28 @@ class ServedModel:
         return [next(encoded) if s.strip() else None for s in sentences]
 
 
+def served(engine: Any, ids: list[int], result: TranslationResult) -> SentenceTranslation:
+    """An engine result as the server returns it: hypotheses with their token strings."""
+    tokenizer = engine.tokenizer
+    hyps = [ServedHypothesis(h.text, list(h.tokens), [tokenizer.id_to_token(t) for t in h.tokens], h.score, h.log_prob)
+            for h in result.hypotheses]
+    return SentenceTranslation(hyps, result.finish_reason, len(ids))
+
+
+def make_converter(engine: Any, observer: ModelMetrics) -> Callable[[list[int], TranslationResult],
+                                                                     SentenceTranslation]:
+    """The loop scheduler's per-sentence conversion, counting tokens in and out."""
+
+    def convert(ids: list[int], result: TranslationResult) -> SentenceTranslation:
+        out = served(engine, ids, result)
+        observer.on_tokens(len(ids), len(out.hypotheses[0].token_ids) if out.hypotheses else 0)
+        return out
+
+    return convert
+
+
 def make_runner(engine: Any, observer: ModelMetrics) -> BatchRunner:
     """The scheduler's batch function for `engine`: decode, then detokenize on the same executor thread."""
-    tokenizer = engine.tokenizer
 
     def run(sources: list[list[int]], options: DecodingOptions,
             abandoned: Abandoned | None = None) -> list[SentenceTranslation | None]:
@@ -55,10 +75,7 @@ def make_runner(engine: Any, observer: ModelMetrics) -> BatchRunner:
             if res.finish_reason == ABANDONED:  # nobody waits for it: the scheduler counts it as dropped
                 out.append(None)
                 continue
-            hyps = [ServedHypothesis(h.text, list(h.tokens),
-                                     [tokenizer.id_to_token(t) for t in h.tokens], h.score, h.log_prob)
-                    for h in res.hypotheses]
-            out.append(SentenceTranslation(hyps, res.finish_reason, len(ids)))
+            out.append(served(engine, ids, res))
         done = [(ids, s) for ids, s in zip(sources, out, strict=True) if s is not None]
         observer.on_tokens(sum(len(ids) for ids, _ in done),
                            sum(len(s.hypotheses[0].token_ids) for _, s in done if s.hypotheses))
@@ -83,12 +100,19 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
                                  cpu_memory_arena=config.cpu_memory_arena)
     engine = Engine.load(entry, engine_config)
     model_metrics = metrics.model(engine.name)
-    runners = [make_runner(engine, model_metrics) for _ in range(config.workers or engine.workers)]
-    scheduler = Scheduler(runners, SchedulerConfig(config.max_batch_sentences, config.max_batch_tokens,
-                                                   config.max_wait_ms, config.max_queue_sentences,
-                                                   config.max_batch_kv_bytes, config.partial_margin_ms / 1000),
-                          observer=model_metrics, name=engine.name,
-                          on_idle=trim_memory if config.trim_memory_when_idle else None)
+    workers = config.workers or engine.workers
+    scheduler_config = SchedulerConfig(config.max_batch_sentences, config.max_batch_tokens, config.max_wait_ms,
+                                       config.max_queue_sentences, config.max_batch_kv_bytes,
+                                       config.partial_margin_ms / 1000)
+    on_idle = trim_memory if config.trim_memory_when_idle else None
+    scheduler: Scheduler | LoopScheduler
+    if config.scheduler == "loop":
+        scheduler = LoopScheduler(engine, workers, make_converter(engine, model_metrics), scheduler_config,
+                                  LoopConfig(config.max_live_rows, config.max_batch_kv_bytes), model_metrics,
+                                  engine.name, on_idle)
+    else:
+        runners = [make_runner(engine, model_metrics) for _ in range(workers)]
+        scheduler = Scheduler(runners, scheduler_config, observer=model_metrics, name=engine.name, on_idle=on_idle)
     manifest = dict(engine.manifest)
     metrics.model_info.labels(engine.name, engine.version, str(manifest.get("precision", "")), engine.provider,
                               str(manifest.get("source_lang", "")), str(manifest.get("target_lang", ""))).set(1)

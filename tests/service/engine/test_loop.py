@@ -90,3 +90,28 @@ def test_a_loop_that_runs_long_reuses_its_cache_slots(engine: Engine, sources: l
     assert all(j.result is not None for j in jobs)
     for job in (jobs[0], jobs[len(jobs) // 2], jobs[-1]):
         _same(job.result, engine.translate_ids([job.source], options)[0])
+
+
+def test_dropped_sentences_leave_at_once_and_the_others_decode_as_alone(
+        engine: Engine, sources: list[list[int]]) -> None:
+    from service.engine.search import ABANDON, ABANDONED, DEADLINE, STOP_PARTIAL
+
+    loop = DecodeLoop(engine)
+    beam = DecodingOptions(beam_size=4)
+    greedy = DecodingOptions(beam_size=1)
+    a = loop.submit(sources[:4], beam)
+    b = loop.submit(sources[4:6], greedy)
+    for _ in range(3):
+        loop.step()
+    rows = loop.live_rows
+    ended = loop.drop({a[1]: ABANDON, a[2]: STOP_PARTIAL, b[0]: ABANDON})
+    assert set(ended) == {a[1], a[2], b[0]}
+    assert loop.live_rows == rows - 4 - 4 - 1  # their rows are gone before the next step
+    assert a[1].result is not None and a[1].result.finish_reason == ABANDONED and not a[1].result.hypotheses
+    assert a[2].result is not None and a[2].result.finish_reason == DEADLINE and a[2].result.hypotheses
+    assert len(a[2].result.hypotheses[0].tokens) >= 1
+    while not loop.idle:
+        loop.step()
+    for job, options in ((a[0], beam), (a[3], beam), (b[1], greedy)):
+        assert job.result is not None
+        _same(job.result, engine.translate_ids([job.source], options)[0])

@@ -1,0 +1,316 @@
+"""Step-level scheduling: one running decode loop per worker, sentences join and leave between steps.
+
+The same interface as the request-level `Scheduler` (service/server/scheduler.py): `submit` tokenized
+sentences with their options, get one future per sentence. Each worker thread owns a
+`service.engine.loop.DecodeLoop` over the model's engine:
+
+    submit() -> FIFO queue -> [worker: admit the oldest that fit -> drop the unwanted -> one step]
+             -> finished sentences' futures resolved on the event loop
+
+- Admission, between two steps: oldest first, while the loop's live rows stay within `max_live_rows`
+  and the sum of its sentences' KV-cache bounds (`submit`'s `kv_bytes`) within `max_kv_bytes`; a loop
+  with nothing live takes the oldest sentence whatever its size. The queue is never reordered, so a
+  long sentence is never passed over for short ones (no starvation). Options do not group anything:
+  every sentence joins whichever loop is free, with its own beam, lengths and penalty.
+- A lone caller waits for nothing: an idle worker admits a sentence as soon as it is queued.
+- Between two steps, sentences whose call was cancelled or whose deadline passed leave the loop (with
+  `partial_at_deadline`, `partial_margin_s` before the deadline with their best hypotheses so far).
+- A step that raises fails the sentences of that loop (EngineFailure); the worker starts a new loop.
+- `close()` fails the queue (Unavailable); the loops end their sentences at the next step (Unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.engine.loop import DecodeLoop, Job
+from service.engine.search import ABANDON, ABANDONED, STOP_PARTIAL
+from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
+from service.options import DecodingOptions, TranslationResult
+from service.server.scheduler import (
+    CANCELLED,
+    DEADLINE,
+    SHUTDOWN,
+    SchedulerConfig,
+    SchedulerObserver,
+    SentenceOutput,
+    Ticket,
+    _drop_reason,
+    _Item,
+)
+
+log = logging.getLogger(__name__)
+
+class LoopObserver(SchedulerObserver, Protocol):
+    """The scheduler's observer plus the engine's (service.metrics.ModelMetrics implements it)."""
+
+    def on_loop(self, admitted: int, finished: int, live_rows: int) -> None: ...
+    def on_encoder(self, seconds: float) -> None: ...
+    def on_decoder_step(self, seconds: float, rows: int) -> None: ...
+
+
+Convert = Callable[[list[int], TranslationResult], Any]
+"""A finished sentence's engine result -> what its future resolves with (SentenceOutput.result)."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    max_live_rows: int = 256  # decoder rows (sentences x beams) of one loop
+    max_kv_bytes: int = 128 * 1024 * 1024  # sum of the live sentences' KV-cache bounds in one loop
+
+
+class LoopScheduler:
+    """Step-level batching for one model: `workers` threads, each with a decode loop over `engine`. Create
+    and use it on one event loop: `start()` before the first submit, `await close()` at the end."""
+
+    def __init__(self, engine: Any, workers: int, convert: Convert, config: SchedulerConfig, loop_config: LoopConfig,
+                 observer: Any = None, name: str = "model", on_idle: Callable[[], object] | None = None) -> None:
+        if workers < 1:
+            raise ValueError("a scheduler needs at least one worker")
+        self.config, self.loop_config, self.name = config, loop_config, name
+        self._engine, self._workers, self._convert = engine, workers, convert
+        self._observer: LoopObserver | None = observer
+        self._on_idle = on_idle
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._seq = 0
+        self.live_rows = [0] * workers  # per worker, after its last step (metrics, tests)
+
+    # -- the Scheduler interface ----------------------------------------------------------------------
+
+    @property
+    def queued_sentences(self) -> int:
+        return len(self._queue)
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        for i in range(self._workers):
+            thread = threading.Thread(target=self._work, args=(i,), name=f"decode-loop-{self.name}-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._report_queue()
+
+    def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None,
+               kv_bytes: Sequence[int] | None = None) -> Ticket:
+        """Queue `sources` (token ids without eos); raises QueueFull (nothing queued), Unavailable after
+        close() and DeadlineExceeded when `deadline` (time.monotonic()) has passed."""
+        if self._closed or self._event_loop is None:
+            raise Unavailable("the scheduler is not running")
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        cap = self.config.max_queue_sentences
+        costs = kv_bytes if kv_bytes is not None else [0] * len(sources)
+        ticket = Ticket([], deadline, self)  # type: ignore[arg-type]  # Ticket.cancel calls our _cancel
+        with self._cond:
+            if len(self._queue) + len(sources) > cap:
+                raise QueueFull(f"queue full: {len(self._queue)} sentences queued, the request adds {len(sources)}, "
+                                f"max_queue_sentences={cap}; retry later")
+            for ids, cost in zip(sources, costs, strict=True):
+                fut: asyncio.Future[SentenceOutput] = self._event_loop.create_future()  # type: ignore[type-arg]
+                ticket.futures.append(fut)
+                self._seq += 1
+                self._queue.append(_Item(list(ids), options, ticket, now, fut, self._seq, int(cost)))
+            self._cond.notify()
+        self._report_queue()
+        return ticket
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Fail the queue (Unavailable), end every loop's sentences at its next step, join the workers."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for it in queued:
+            if not it.future.done():
+                it.future.set_exception(Unavailable("server is shutting down"))
+        self._report_queue()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("decode loop %s still running %.1fs after close; leaving it", thread.name, timeout_s)
+
+    def _cancel(self, ticket: Ticket) -> int:
+        """Ticket.cancel: its queued sentences leave the queue; its live ones leave their loop at the next step
+        (their futures are cancelled, which the workers see)."""
+        with self._cond:
+            keep = collections.deque(it for it in self._queue if it.ticket is not ticket)
+            removed = len(self._queue) - len(keep)
+            self._queue = keep
+        for fut in ticket.futures:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # a failure nobody will await: retrieved
+            else:
+                fut.cancel()
+        if removed:
+            if self._observer is not None:
+                self._observer.on_dropped(_drop_reason(ticket, time.monotonic()), removed)
+            self._report_queue()
+        return removed
+
+    # -- a worker -------------------------------------------------------------------------------------
+
+    def _work(self, worker: int) -> None:
+        loop = DecodeLoop(self._engine, self._observer)
+        live: dict[Job, tuple[_Item, float]] = {}  # job -> (its item, admission time)
+        while True:
+            with self._cond:
+                while not self._closed and not self._queue and loop.idle:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._take(loop, live)
+            if admitted:
+                self._report_queue_threadsafe()
+            self._admit(loop, live, admitted)
+            if self._drop_unwanted(loop, live) and loop.idle:
+                self._after_step(worker, loop, 0, 0)
+            if loop.idle:
+                continue
+            try:
+                finished = loop.step()
+            except Exception as err:  # noqa: BLE001 - an engine failure fails this loop's sentences only
+                log.exception("engine failed in a decode loop of %s (%d sentences)", self.name, len(live))
+                failure = EngineFailure(f"the engine failed on this request's sentences: {type(err).__name__}: {err}")
+                for it, _ in live.values():
+                    self._resolve(it, error=failure)
+                live.clear()
+                loop = DecodeLoop(self._engine, self._observer)
+                continue
+            now = time.monotonic()
+            self._after_step(worker, loop, len(admitted), len(finished))
+            for job in finished:
+                it, admitted_at = live.pop(job)
+                assert job.result is not None
+                self._resolve(it, SentenceOutput(self._convert(it.ids, job.result), admitted_at - it.enqueued_at,
+                                                 now - admitted_at, len(live) + 1))
+            if loop.idle and self._on_idle is not None and not self._queue:
+                self._on_idle()
+        for it, _ in live.values():
+            self._resolve(it, error=Unavailable("the server stopped before this sentence was finished; retry"))
+        if live and self._observer is not None:
+            self._observer.on_dropped(SHUTDOWN, len(live))
+
+    def _after_step(self, worker: int, loop: DecodeLoop, admitted: int, finished: int) -> None:
+        self.live_rows[worker] = loop.live_rows
+        if self._observer is not None:
+            self._observer.on_loop(admitted, finished, sum(self.live_rows))
+
+    def _take(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]]) -> list[_Item]:
+        """The oldest queued sentences that fit this loop (caller holds the lock)."""
+        rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
+        cfg = self.loop_config
+        taken: list[_Item] = []
+        while self._queue:
+            it = self._queue[0]
+            if it.future.done():  # its call was cancelled while queued (Ticket.cancel had not run yet)
+                self._queue.popleft()
+                if self._observer is not None:
+                    self._observer.on_dropped(_drop_reason(it.ticket, time.monotonic()))
+                continue
+            grow = it.options.beam_size
+            if (rows or taken) and (rows + grow > cfg.max_live_rows or kv + it.kv_bytes > cfg.max_kv_bytes):
+                break
+            self._queue.popleft()
+            taken.append(it)
+            rows, kv = rows + grow, kv + it.kv_bytes
+        return taken
+
+    def _admit(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]], items: list[_Item]) -> None:
+        now = time.monotonic()
+        by_options: dict[DecodingOptions, list[_Item]] = {}
+        for it in items:
+            if it.ticket.deadline is not None and now >= it.ticket.deadline and not it.options.partial_at_deadline:
+                self._resolve(it, error=DeadlineExceeded("deadline passed while the sentence was queued"))
+                if self._observer is not None:
+                    self._observer.on_dropped(DEADLINE)
+                continue
+            by_options.setdefault(it.options, []).append(it)
+        for options, group in by_options.items():
+            try:
+                jobs = loop.submit([it.ids for it in group], options)
+            except ValueError as err:  # the servicer checked lengths and ids: not expected
+                for it in group:
+                    self._resolve(it, error=EngineFailure(str(err)))
+                continue
+            for job, it in zip(jobs, group, strict=True):
+                live[job] = (it, now)
+            if self._observer is not None:
+                for it in group:
+                    self._observer.on_queue_wait(now - it.enqueued_at)
+                width = max(it.tokens for it in group)
+                self._observer.on_batch(len(group), sum(it.tokens for it in group), len(group) * width)
+
+    def _drop_unwanted(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]]) -> bool:
+        """Sentences nobody waits for (call cancelled, deadline passed) or due for their partial answer leave;
+        True when any did."""
+        now = time.monotonic()
+        margin = self.config.partial_margin_s
+        codes: dict[Job, int] = {}
+        for job, (it, _) in live.items():
+            deadline = it.ticket.deadline
+            if it.future.done():
+                codes[job] = ABANDON
+            elif deadline is not None and it.options.partial_at_deadline and now >= deadline - margin:
+                codes[job] = STOP_PARTIAL
+            elif deadline is not None and now >= deadline:
+                codes[job] = ABANDON
+        if not codes:
+            return False
+        dropped = {DEADLINE: 0, CANCELLED: 0}
+        for job in loop.drop(codes):
+            it, admitted_at = live.pop(job)
+            result = job.result
+            if result is not None and result.finish_reason != ABANDONED:  # a partial answer
+                self._resolve(it, SentenceOutput(self._convert(it.ids, result), admitted_at - it.enqueued_at,
+                                                 now - admitted_at, len(live) + 1))
+                continue
+            reason = _drop_reason(it.ticket, now)
+            dropped[reason] += 1
+            self._resolve(it, error=DeadlineExceeded("deadline passed while decoding"))
+        if self._observer is not None:
+            for reason, count in dropped.items():
+                if count:
+                    self._observer.on_dropped(reason, count)
+        return True
+
+    # -- the event loop's side ------------------------------------------------------------------------
+
+    def _resolve(self, it: _Item, value: SentenceOutput | None = None, error: Exception | None = None) -> None:
+        def settle() -> None:
+            if it.future.done():
+                return
+            if error is not None:
+                it.future.set_exception(error)
+            else:
+                assert value is not None
+                it.future.set_result(value)
+
+        assert self._event_loop is not None
+        if not self._event_loop.is_closed():
+            self._event_loop.call_soon_threadsafe(settle)
+
+    def _report_queue(self) -> None:
+        if self._observer is not None:
+            self._observer.set_queue(len(self._queue), self.config.max_queue_sentences)
+
+    def _report_queue_threadsafe(self) -> None:
+        if self._observer is not None and self._event_loop is not None and not self._event_loop.is_closed():
+            self._event_loop.call_soon_threadsafe(self._report_queue)
+
