@@ -92,6 +92,14 @@ class StepBuffers:
 
 
 @dataclass
+class _Spare:
+    cross: list[np.ndarray]  # (cap, H, S_cap, Dh) each
+    src_mask: np.ndarray  # (cap, S_cap) int32
+    cache: list[np.ndarray]  # (cap * K, H, M, Dh) each
+    capacity: int  # sentences
+
+
+@dataclass
 class DecoderState:
     """The device-side state of one decoding loop."""
 
@@ -105,6 +113,9 @@ class DecoderState:
     binding: Any = None  # the decoder's IO binding for this loop: everything stays bound, see OrtModel.step
     io: StepBuffers | None = None  # the host buffers bound now
     reshaped: bool = False  # sentences joined or the cache moved since the last bind: bind again
+    # CPU, once sentences have joined a running loop: the arrays behind cross, src_mask and cache, with room
+    # for more sentences (cross, src_mask, cache are their first B / B*K rows); None: exact-size arrays
+    spare: _Spare | None = None
 
     @property
     def slots(self) -> int:
@@ -276,24 +287,42 @@ class OrtModel:
         state.reshaped = True
 
     def admit(self, state: DecoderState, src_ids: np.ndarray) -> None:
-        """Sentences join a running loop: src_ids (B', S') padded, encoded apart and appended after the
+        """Sentences join a running loop: src_ids (B', S') padded, encoded apart and placed after the
         live sentences (cross K/V and masks padded to the longer source). Their rows start at the next
         step's slot with position 0, K rows each (the loop's width, zeroed cache); the next step_rows
-        feeds them like any other row."""
+        feeds them like any other row. On CPU the arrays keep room for more sentences (capacity doubles
+        when full), so a sentence joining copies only its own rows."""
         new = self.encode(src_ids)
-        width = max(state.src_mask.shape[1], new.src_mask.shape[1])
-        state.cross = [self._concat_padded(old, add, width) for old, add in zip(state.cross, new.cross, strict=True)]
-        mask = np.zeros((state.src_mask.shape[0] + new.src_mask.shape[0], width), dtype=np.int32)
-        mask[: state.src_mask.shape[0], : state.src_mask.shape[1]] = state.src_mask
-        mask[state.src_mask.shape[0]:, : new.src_mask.shape[1]] = new.src_mask
-        state.src_mask = mask
-        state.start = np.concatenate([state.start, np.full(src_ids.shape[0], state.slot, dtype=np.int64)])
-        if state.cache is not None and state.indirection is not None:
-            rows = src_ids.shape[0] * state.beams
-            state.cache = [self._concat_padded(old, self._zeros((rows, *old.shape[1:])), None) for old in state.cache]
+        n, added = state.src_mask.shape[0], src_ids.shape[0]
+        state.start = np.concatenate([state.start, np.full(added, state.slot, dtype=np.int64)])
+        if state.indirection is not None:
             state.indirection = np.concatenate(
-                [state.indirection, np.zeros((src_ids.shape[0], *state.indirection.shape[1:]), dtype=np.int32)])
+                [state.indirection, np.zeros((added, *state.indirection.shape[1:]), dtype=np.int32)])
         state.reshaped = True
+        if self.device != CPU:  # exact-size arrays, rebuilt through the host
+            width = max(state.src_mask.shape[1], new.src_mask.shape[1])
+            state.cross = [self._concat_padded(old, add, width)
+                           for old, add in zip(state.cross, new.cross, strict=True)]
+            mask = np.zeros((n + added, width), dtype=np.int32)
+            mask[:n, : state.src_mask.shape[1]] = state.src_mask
+            mask[n:, : new.src_mask.shape[1]] = new.src_mask
+            state.src_mask = mask
+            if state.cache is not None:
+                rows = added * state.beams
+                state.cache = [self._concat_padded(old, self._zeros((rows, *old.shape[1:])), None)
+                               for old in state.cache]
+            return
+        spare = self._room(state, n + added, new.src_mask.shape[1])
+        k = max(state.beams, 1)
+        for base, add in zip(spare.cross, new.cross, strict=True):
+            base[n: n + added] = 0.0
+            base[n: n + added, :, : add.shape[2]] = add
+        spare.src_mask[n: n + added] = 0
+        spare.src_mask[n: n + added, : new.src_mask.shape[1]] = new.src_mask
+        if state.cache is not None:
+            for base in spare.cache:
+                base[n * k: (n + added) * k] = 0.0
+        self._views(state, n + added)
 
     def _concat_padded(self, old: Any, add: Any, width: int | None) -> Any:
         """old and add joined along axis 0, both padded with zeros to `width` on axis 2 (None: as they are)."""
@@ -301,6 +330,41 @@ class OrtModel:
         if width is not None:
             a, b = (np.pad(v, [(0, 0), (0, 0), (0, width - v.shape[2]), (0, 0)]) for v in (a, b))
         return self._to_device(np.concatenate([a, b]))
+
+    def _room(self, state: DecoderState, sentences: int, width: int) -> _Spare:
+        """state.spare with room for `sentences` sentences of `width` source tokens (a copy when it grows)."""
+        spare = state.spare
+        if spare is not None and sentences <= spare.capacity and width <= spare.src_mask.shape[1] and (
+                state.cache is None or spare.cache):
+            return spare
+        n = state.src_mask.shape[0]
+        capacity = max(sentences, 2 * (spare.capacity if spare else n), 4)
+        width = max(width, state.src_mask.shape[1]) + (-max(width, state.src_mask.shape[1])) % 8
+        cross = []
+        for view in state.cross:
+            base = np.zeros((capacity, view.shape[1], width, view.shape[3]), dtype=view.dtype)
+            base[:n, :, : view.shape[2]] = view
+            cross.append(base)
+        mask = np.zeros((capacity, width), dtype=np.int32)
+        mask[:n, : state.src_mask.shape[1]] = state.src_mask
+        cache = []
+        if state.cache is not None:
+            k = max(state.beams, 1)
+            for view in state.cache:
+                base = np.zeros((capacity * k, *view.shape[1:]), dtype=view.dtype)
+                base[: n * k] = view
+                cache.append(base)
+        state.spare = _Spare(cross, mask, cache, capacity)
+        return state.spare
+
+    def _views(self, state: DecoderState, sentences: int) -> None:
+        """cross, src_mask and cache: the first `sentences` of state.spare's arrays (contiguous views)."""
+        assert state.spare is not None
+        k = max(state.beams, 1)
+        state.cross = [base[:sentences] for base in state.spare.cross]
+        state.src_mask = state.spare.src_mask[:sentences]
+        if state.cache is not None:
+            state.cache = [base[: sentences * k] for base in state.spare.cache]
 
     def _rebase(self, state: DecoderState) -> None:
         """Slots before every live sentence's first one are free: shift the cache left over them (a loop
@@ -356,14 +420,31 @@ class OrtModel:
         state.beams = beams
 
     def _keep_sentences(self, state: DecoderState, keep: np.ndarray) -> None:
-        """Only the sentences `keep` (indices of the previous step's) stay: their rows, cross K/V, masks."""
-        state.cross = self._gather(state.cross, keep)
-        state.src_mask = np.ascontiguousarray(state.src_mask[keep])
+        """Only the sentences `keep` (indices of the previous step's, in their new order) stay: their rows,
+        cross K/V, masks. With room kept (state.spare), sentence p is moved only where keep[p] != p."""
         state.start = state.start[keep]
-        if state.cache is not None and state.indirection is not None:
-            rows = (keep[:, None] * state.beams + np.arange(state.beams)).reshape(-1)
-            state.cache = self._gather(state.cache, rows)
+        if state.indirection is not None:
             state.indirection = np.ascontiguousarray(state.indirection[keep])
+        spare = state.spare
+        if spare is None or (state.cache is not None and not spare.cache):
+            state.cross = self._gather(state.cross, keep)
+            state.src_mask = np.ascontiguousarray(state.src_mask[keep])
+            if state.cache is not None:
+                rows = (keep[:, None] * state.beams + np.arange(state.beams)).reshape(-1)
+                state.cache = self._gather(state.cache, rows)
+            state.spare = None
+            return
+        k = max(state.beams, 1)
+        for p, q in enumerate(keep.tolist()):
+            if p == q:
+                continue
+            for base in spare.cross:
+                base[p] = base[q]
+            spare.src_mask[p] = spare.src_mask[q]
+            if state.cache is not None:
+                for base in spare.cache:
+                    base[p * k: (p + 1) * k] = base[q * k: (q + 1) * k]
+        self._views(state, keep.size)
 
     def _widen(self, state: DecoderState, beams: int) -> None:
         """The cache from state.beams to `beams` rows per sentence (a beam search after its first step): the
@@ -382,6 +463,7 @@ class OrtModel:
         assert state.cache is not None
         state.cache = [widen(v) for v in state.cache]
         state.beams = beams
+        state.spare = None  # exact-size arrays again
 
     def _grow(self, state: DecoderState, slots: int) -> None:
         """More cache slots: the filled ones copied into a larger cache."""
@@ -395,6 +477,7 @@ class OrtModel:
             return self._to_device(big)
 
         state.cache = [grow(v) for v in state.cache]
+        state.spare = None  # exact-size arrays again
         indirection = np.zeros((*state.indirection.shape[:2], slots), dtype=np.int32)
         indirection[:, :, :filled] = state.indirection
         state.indirection = indirection

@@ -125,7 +125,7 @@ class LoopScheduler:
                 ticket.futures.append(fut)
                 self._seq += 1
                 self._queue.append(_Item(list(ids), options, ticket, now, fut, self._seq, int(cost)))
-            self._cond.notify()
+            self._cond.notify_all()  # every idle worker: each takes its share
         self._report_queue()
         return ticket
 
@@ -175,7 +175,7 @@ class LoopScheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-                admitted = self._take(loop, live)
+                admitted = self._take(worker, loop, live)
             if admitted:
                 self._report_queue_threadsafe()
             self._admit(loop, live, admitted)
@@ -212,10 +212,14 @@ class LoopScheduler:
         if self._observer is not None:
             self._observer.on_loop(admitted, finished, sum(self.live_rows))
 
-    def _take(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]]) -> list[_Item]:
-        """The oldest queued sentences that fit this loop (caller holds the lock)."""
+    def _take(self, worker: int, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]]) -> list[_Item]:
+        """The oldest queued sentences that fit this loop (caller holds the lock). With several workers a loop
+        takes only its share of the work (live rows of every loop plus the queue's, split evenly), so that
+        a burst spreads over the cores instead of filling the first loop."""
         rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
         cfg = self.loop_config
+        others = sum(self.live_rows) - self.live_rows[worker]
+        share = (others + rows + sum(it.options.beam_size for it in self._queue)) / self._workers
         taken: list[_Item] = []
         while self._queue:
             it = self._queue[0]
@@ -225,7 +229,8 @@ class LoopScheduler:
                     self._observer.on_dropped(_drop_reason(it.ticket, time.monotonic()))
                 continue
             grow = it.options.beam_size
-            if (rows or taken) and (rows + grow > cfg.max_live_rows or kv + it.kv_bytes > cfg.max_kv_bytes):
+            if (rows or taken) and (rows + grow > min(cfg.max_live_rows, max(share, grow))
+                                    or kv + it.kv_bytes > cfg.max_kv_bytes):
                 break
             self._queue.popleft()
             taken.append(it)

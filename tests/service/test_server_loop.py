@@ -74,11 +74,12 @@ def test_deadline_in_a_loop_answers_deadline_exceeded_or_the_partial_result(
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     partial = dataclasses.replace(LONG, partial_at_deadline=True)
     started = time.monotonic()
-    reply = stub.Translate(request(german[:MANY], partial), timeout=0.3)
-    assert time.monotonic() - started < 0.3
-    for result in reply.results:
-        assert result.finish_reason == pb.FINISH_REASON_DEADLINE
-        assert len(result.hypotheses[0].token_ids) > 0
+    reply = stub.Translate(request(german[:2 * MANY], partial), timeout=0.4)  # far more than 0.4 s of work
+    assert time.monotonic() - started < 0.4
+    assert all(r.finish_reason == pb.FINISH_REASON_DEADLINE for r in reply.results)
+    # the best hypothesis so far: sentences that started decoding answer with their tokens (a sentence still
+    # queued at the deadline has none)
+    assert sum(len(r.hypotheses) > 0 and len(r.hypotheses[0].token_ids) > 0 for r in reply.results) >= MANY
 
 
 def test_an_engine_failure_fails_only_that_loops_sentences_and_the_loop_restarts(
