@@ -130,10 +130,14 @@ class DecodeLoop:
     # -- inside --------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        """Every pending sentence joins its lane: one encoder call per lane for all of them."""
         pending, self._pending = self._pending, []
+        by_lane: dict[int, list[tuple[list[Job], DecodingOptions]]] = {}
         for jobs, options in pending:
-            src, max_lens = self.engine.pad_sources([j.source for j in jobs], options)
-            beams = options.beam_size
+            by_lane.setdefault(options.beam_size, []).append((jobs, options))
+        for beams, groups in by_lane.items():
+            jobs = [j for group, _ in groups for j in group]
+            src, _ = self.engine.pad_sources([j.source for j in jobs], groups[0][1])
             lane = self.lanes.get(beams)
             started = time.perf_counter()
             if lane is None:
@@ -143,7 +147,8 @@ class DecodeLoop:
                 self.runtime.admit(lane.state, src)
             if self.observer is not None:
                 self.observer.on_encoder(time.perf_counter() - started)
-            lane.search.add(jobs, max_lens, options)
+            for group, options in groups:  # in the order of the encoded rows
+                lane.search.add(group, self.engine.length_caps([len(j.source) for j in group], options), options)
 
     def _step_lane(self, lane: _Lane) -> list[Job]:
         ids, origin = lane.search.inputs()

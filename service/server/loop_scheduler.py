@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -219,7 +220,8 @@ class LoopScheduler:
         rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
         cfg = self.loop_config
         others = sum(self.live_rows) - self.live_rows[worker]
-        share = (others + rows + sum(it.options.beam_size for it in self._queue)) / self._workers
+        ahead = itertools.islice(self._queue, cfg.max_live_rows * self._workers)  # enough to fill every loop
+        share = (others + rows + sum(it.options.beam_size for it in ahead)) / self._workers
         taken: list[_Item] = []
         while self._queue:
             it = self._queue[0]
