@@ -7,6 +7,8 @@ One file per stage of a batch (`service.engine.engine` tells the whole story):
     runtime.py   the ONNX Runtime sessions: encode, one decoder step (IO binding, K/V on the device)
     search.py    greedy and beam search on the host, token-for-token the PyTorch reference
     engine.py    Engine: load an entry, translate (tokenize -> batch -> encode -> steps -> detokenize)
+    lane_search.py  the same searches over sentences that join and leave, each at its own step
+    loop.py      DecodeLoop: sentences join a running loop between two decoder steps (step-level batching)
 
 `from service.engine import Engine` works as before; onnxruntime is imported only when one of the names
 that need it is first used, so `service.engine.batching` and `service.engine.search` stay light.
