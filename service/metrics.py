@@ -96,7 +96,11 @@ class ServerMetrics:
         self._http_thread: threading.Thread | None = None
 
     def model(self, name: str) -> ModelMetrics:
-        """The per-model view handed to that model's scheduler and engine observer."""
+        """The per-model view handed to that model's scheduler and engine observer. The decode-loop series
+        start at 0 whichever scheduler runs, so dashboards and alerts find them from the first scrape."""
+        self.live_rows.labels(name).set(0)
+        self.loop_admitted.labels(name)
+        self.loop_finished.labels(name)
         return ModelMetrics(self, name)
 
     def serve_http(self, host: str, port: int) -> int:

@@ -51,6 +51,8 @@ def test_every_query_uses_the_datasource_variable_and_known_variables(dashboard:
     ("batch size", r"rosetta_batch_size_sentences_(sum|bucket)"),
     ("queue depth", r"rosetta_queue_depth_sentences\{"),
     ("tokens per second", r"rate\(rosetta_output_tokens_total\{"),
+    ("decode loop rows", r"rosetta_live_rows\{"),
+    ("rows per decoder step", r"rate\(rosetta_decoder_step_rows_sum\{"),
 ])
 def test_dashboard_shows(what: str, pattern: str, dashboard: dict[str, Any]) -> None:
     assert any(re.search(pattern, expr) for _, expr in dashboard_queries(dashboard)), f"no panel shows {what}"
