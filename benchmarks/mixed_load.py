@@ -1,0 +1,109 @@
+"""Short calls while long ones run: does a caption wait behind a paragraph?
+
+    python benchmarks/mixed_load.py --serve batch="" --serve loop="--scheduler loop"
+
+For each server (`rosetta serve FLAGS`, started and stopped in turn, as benchmarks/loadgen.py does):
+1. idle: `--short-callers` closed-loop callers send one short sentence each (a test_2016_flickr caption),
+   half of them with beam 1 and half with beam 4, for `--duration-s`;
+2. mixed: the same, while `--long-callers` more callers send long sentences (5 captions joined, ~5x
+   longer), half beam 1 and half beam 4.
+Reports the short calls' p50/p99 latency in both phases and their ratio (the issue's bar: p99 mixed at
+most 1.5x p99 idle), the long calls' throughput, as a Markdown table (stdout and --out .md/.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from loadgen import REPO, SpawnedServer, percentile, read_sentences  # benchmarks/loadgen.py
+
+from service.proto import translate_pb2 as pb
+from service.proto import translate_pb2_grpc as pb_grpc
+
+
+async def caller(stub: pb_grpc.TranslatorStub, texts: list[str], beam: int, until: float,
+                 latencies: list[tuple[float, float]] | None, offset: int) -> int:
+    """Closed loop: one call at a time until `until`; appends (start, latency) of each; returns calls done."""
+    n, i = 0, offset
+    while time.monotonic() < until:
+        request = pb.TranslateRequest(sentences=[texts[i % len(texts)]], options=pb.DecodingOptions(beam_size=beam))
+        started = time.monotonic()
+        await stub.Translate(request, timeout=120)
+        if latencies is not None:
+            latencies.append((started, time.monotonic() - started))
+        n, i = n + 1, i + 7
+    return n
+
+
+async def phase(address: str, short: list[str], long: list[str], args: argparse.Namespace,
+                with_long: bool) -> dict[str, float]:
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
+    until = time.monotonic() + args.warmup_s + args.duration_s
+    measured: list[float] = []
+    warm_until = time.monotonic() + args.warmup_s
+
+    async def short_caller(k: int) -> None:
+        lat: list[tuple[float, float]] = []
+        await caller(stubs[k % len(stubs)], short, 1 if k % 2 else 4, until, lat, k)
+        measured.extend(latency for start, latency in lat if start >= warm_until)
+
+    tasks = [short_caller(k) for k in range(args.short_callers)]
+    long_calls = [caller(stubs[k % len(stubs)], long, 1 if k % 2 else 4, until, None, k)
+                  for k in range(args.long_callers)] if with_long else []
+    results = await asyncio.gather(*tasks, *long_calls)
+    for ch in channels:
+        await ch.close()
+    measured.sort()
+    done_long = sum(int(r) for r in results[len(tasks):]) if with_long else 0
+    return {"short_p50_ms": 1000 * percentile(measured, 0.5), "short_p99_ms": 1000 * percentile(measured, 0.99),
+            "short_calls": len(measured), "long_calls_per_s": done_long / (args.warmup_s + args.duration_s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--serve", action="append", default=[], metavar='LABEL="FLAGS"', required=True)
+    p.add_argument("--short-callers", type=int, default=4)
+    p.add_argument("--long-callers", type=int, default=8)
+    p.add_argument("--duration-s", type=float, default=20.0)
+    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mixed_load")
+    args = p.parse_args(argv)
+    captions = read_sentences(args.data, 1000)
+    short = [c for c in captions if len(c.split()) <= 12][:300]
+    long = [" ".join(captions[i:i + 5]) for i in range(0, 500, 5)]
+    rows = []
+    for spec in args.serve:
+        label, _, flags = spec.partition("=")
+        server = SpawnedServer(flags.strip('"').split())
+        try:
+            idle = asyncio.run(phase(server.address, short, long, args, with_long=False))
+            mixed = asyncio.run(phase(server.address, short, long, args, with_long=True))
+        finally:
+            server.stop()
+        rows.append({"server": label, "idle": idle, "mixed": mixed,
+                     "p99_ratio": mixed["short_p99_ms"] / idle["short_p99_ms"]})
+        print(f"{label}: {rows[-1]}", file=sys.stderr, flush=True)
+    md = ("| server | short p50 idle ms | short p99 idle ms | short p50 mixed ms | short p99 mixed ms | "
+          "p99 mixed / idle | long calls/s |\n|---|---:|---:|---:|---:|---:|---:|\n")
+    md += "".join(f"| {r['server']} | {r['idle']['short_p50_ms']:.0f} | {r['idle']['short_p99_ms']:.0f} | "
+                  f"{r['mixed']['short_p50_ms']:.0f} | {r['mixed']['short_p99_ms']:.0f} | {r['p99_ratio']:.2f}x | "
+                  f"{r['mixed']['long_calls_per_s']:.1f} |\n" for r in rows)
+    title = (f"{args.short_callers} short callers (captions, beam 1/4) alone, then with {args.long_callers} long "
+             f"callers (5 captions joined, beam 1/4); {args.duration_s:.0f} s each ({time.strftime('%Y-%m-%d')})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(f"{title}\n\n{md}")
+    args.out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    print(f"\n{title}\n\n{md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
