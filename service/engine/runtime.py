@@ -73,6 +73,9 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
 
 
 FIRST_SLOTS = 32  # cache slots a new loop allocates; doubled when a step needs more
+# A running loop shifts its cache left once half of its slots belong to no live sentence any more (and it
+# has at least this many): the fused attention reads every slot up to the current one, masked or not.
+EAGER_REBASE_SLOTS = 16
 
 
 @dataclass
@@ -250,8 +253,9 @@ class OrtModel:
             reshaped |= self._reorder(state, origin, beams)
             if beams != state.beams:
                 self._widen(state, beams)
-            if state.slot >= state.slots:
-                self._rebase(state)
+            if state.slot >= state.slots or (state.slot >= EAGER_REBASE_SLOTS
+                                              and state.start.size and 2 * int(state.start.min()) >= state.slot):
+                self._rebase(state)  # every row's attention reads all slots up to `slot`: keep that short
             if state.slot >= state.slots:
                 self._grow(state, max(state.slot + 1, min(2 * state.slots, 2 * self.max_slots)))
                 reshaped = True
@@ -373,15 +377,15 @@ class OrtModel:
         if shift <= 0:
             return
         assert state.cache is not None and state.indirection is not None
-        keep = state.slots - shift
+        used = state.slot - shift  # slots still owned by a live sentence
 
         def shifted(value: Any) -> Any:
             host = value if self.device == CPU else value.numpy()
-            host[:, :, :keep] = host[:, :, shift:].copy()
+            host[:, :, :used] = host[:, :, shift: state.slot].copy()
             return value if self.device == CPU else self._to_device(host)
 
         state.cache = [shifted(v) for v in state.cache]
-        state.indirection[:, :, :keep] = state.indirection[:, :, shift:].copy()
+        state.indirection[:, :, :used] = state.indirection[:, :, shift: state.slot].copy()
         state.start = state.start - shift
         state.slot -= shift
         state.reshaped = True
