@@ -9,12 +9,12 @@
 Sentences run in lanes, one per beam width K (the decoder's fused self-attention takes one width per
 call) and source length class (`length_class`: a lane's rows read its widest source and the slots since
 its oldest live sentence started, so captions do not pay for paragraphs). A lane is one decoder state
-(service/engine/runtime.py) whose rows are K per sentence, and one search over all its sentences (service/engine/lane_search.py: greedy or beam, token for token
-the reference), in which every sentence has its own step, length penalty, min/max lengths and
-n-best. A submitted sentence is encoded apart and joins its lane at the next step, at that step's
-cache slot with position 0 (signature v2: per-row positions and key masks); a finished one leaves
-before the next step. A step costs one decoder call and one search update per lane, however many
-requests its sentences came from.
+(service/engine/runtime.py) whose rows are K per sentence, and one search over all its sentences
+(service/engine/lane_search.py: greedy or beam, token for token the reference), in which every sentence
+has its own step, length penalty, min/max lengths and n-best. A submitted sentence is encoded apart
+and joins its lane at the next step, at that step's cache slot with position 0 (signature v2: per-row
+positions and key masks); a finished one leaves before the next step. A step costs one decoder call
+and one search update per lane, however many requests its sentences came from.
 
 A beam search starts from one row per sentence; in a lane a joining sentence runs K rows whose
 rows 1..K-1 score -inf (the reference's first step), so a sentence never changes the width of a
