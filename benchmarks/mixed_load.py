@@ -43,6 +43,7 @@ async def caller(stub: pb_grpc.TranslatorStub, texts: list[str], beam: int, unti
 
 async def phase(address: str, short: list[str], long: list[str], args: argparse.Namespace,
                 with_long: bool) -> dict[str, float]:
+    beams = [int(b) for b in args.beams.split(",")]
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
     until = time.monotonic() + args.warmup_s + args.duration_s
@@ -51,11 +52,11 @@ async def phase(address: str, short: list[str], long: list[str], args: argparse.
 
     async def short_caller(k: int) -> None:
         lat: list[tuple[float, float]] = []
-        await caller(stubs[k % len(stubs)], short, 1 if k % 2 else 4, until, lat, k)
+        await caller(stubs[k % len(stubs)], short, beams[k % len(beams)], until, lat, k)
         measured.extend(latency for start, latency in lat if start >= warm_until)
 
     tasks = [short_caller(k) for k in range(args.short_callers)]
-    long_calls = [caller(stubs[k % len(stubs)], long, 1 if k % 2 else 4, until, None, k)
+    long_calls = [caller(stubs[k % len(stubs)], long, beams[k % len(beams)], until, None, k)
                   for k in range(args.long_callers)] if with_long else []
     results = await asyncio.gather(*tasks, *long_calls)
     for ch in channels:
@@ -69,6 +70,7 @@ async def phase(address: str, short: list[str], long: list[str], args: argparse.
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", action="append", default=[], metavar='LABEL="FLAGS"', required=True)
+    p.add_argument("--beams", default="4,1", help="beam sizes the callers take in turn")
     p.add_argument("--short-callers", type=int, default=4)
     p.add_argument("--long-callers", type=int, default=8)
     p.add_argument("--duration-s", type=float, default=20.0)
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     md += "".join(f"| {r['server']} | {r['idle']['short_p50_ms']:.0f} | {r['idle']['short_p99_ms']:.0f} | "
                   f"{r['mixed']['short_p50_ms']:.0f} | {r['mixed']['short_p99_ms']:.0f} | {r['p99_ratio']:.2f}x | "
                   f"{r['mixed']['long_calls_per_s']:.1f} |\n" for r in rows)
-    title = (f"{args.short_callers} short callers (captions, beam 1/4) alone, then with {args.long_callers} long "
-             f"callers (5 captions joined, beam 1/4); {args.duration_s:.0f} s each ({time.strftime('%Y-%m-%d')})")
+    title = (f"{args.short_callers} short callers (captions) alone, then with {args.long_callers} long callers "
+             f"(5 captions joined), beams {args.beams} in turn; {args.duration_s:.0f} s each "
+             f"({time.strftime('%Y-%m-%d')})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(f"{title}\n\n{md}")
     args.out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
