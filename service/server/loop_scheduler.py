@@ -193,6 +193,7 @@ class LoopScheduler:
                     self._resolve(it, error=failure)
                 live.clear()
                 loop = DecodeLoop(self._engine, self._observer)
+                self._after_step(worker, loop, 0, 0)  # no rows left: the stalled-loop alert must not see any
                 continue
             now = time.monotonic()
             self._after_step(worker, loop, len(admitted), len(finished))

@@ -83,24 +83,29 @@ def test_deadline_in_a_loop_answers_deadline_exceeded_or_the_partial_result(
 
 
 def test_an_engine_failure_fails_only_that_loops_sentences_and_the_loop_restarts(
-        loop_server: Any, german: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        start_server: Any, german: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from service.engine import loop as loop_module
 
-    real = loop_module.DecodeLoop.step
-    failed = []
+    loop_server = start_server(scheduler="loop", workers=1)  # one loop: the failing one
 
-    def flaky(self: Any) -> Any:
+    real = loop_module.DecodeLoop.step
+    failed, steps = [], []
+
+    def flaky(self: Any) -> Any:  # fails the third step a beam-3 sentence is in: its rows are counted by then
         if not failed and any(j.options.beam_size == 3 for j in self.jobs):
-            failed.append(True)
-            raise RuntimeError("injected engine fault")
+            steps.append(True)
+            if len(steps) == 3:
+                failed.append(True)
+                raise RuntimeError("injected engine fault")
         return real(self)
 
     monkeypatch.setattr(loop_module.DecodeLoop, "step", flaky)
     stub = loop_server.stub()
     with pytest.raises(grpc.RpcError) as info:
-        stub.Translate(request(german[:3], DecodingOptions(beam_size=3)), timeout=60)
+        stub.Translate(request(german[:3], DecodingOptions(beam_size=3, min_decoding_length=5)), timeout=60)
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "injected engine fault" in (info.value.details() or "")
+    wait_until(lambda: loop_server.metric("rosetta_live_rows", model="tiny") == 0)  # the failed loop's rows are gone
     assert len(stub.Translate(request(german[:3], DecodingOptions(beam_size=3)), timeout=60).results) == 3
 
 
