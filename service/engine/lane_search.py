@@ -114,6 +114,25 @@ class _Lane:
             wider[:, : self.history.shape[1]] = self.history
             self.history = wider
 
+    def drop(self, codes: dict[Any, int]) -> tuple[Finished, np.ndarray]:
+        """End sentences by search code (ABANDON: no hypotheses, "abandoned"; STOP_PARTIAL: the best so far,
+        "deadline"); returns (ended, positions that stay)."""
+        ended: Finished = []
+        keep: list[int] = []
+        for j, key in enumerate(self.keys):
+            code = codes.get(key, KEEP)
+            if code == KEEP:
+                keep.append(j)
+            else:
+                ended.append((key, self._partial(j) if code == STOP_PARTIAL else TranslationResult([], ABANDONED)))
+        kept = fill_holes(np.asarray(keep, dtype=np.int64), self.size)
+        if ended:
+            self._keep(kept)
+        return ended, kept
+
+    def _partial(self, j: int) -> TranslationResult:
+        raise NotImplementedError
+
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(input ids (R,), origin beam (R,)) of the next decoder call."""
         return self.tokens_in, self.origin
@@ -189,35 +208,21 @@ class LaneBeamSearch(_Lane):
         kept = fill_holes(np.asarray(keep, dtype=np.int64), n)
         if kept.size < n:
             self._keep(kept)
-            self.scores = self.scores[kept]
-            self.finished = [self.finished[j] for j in kept.tolist()]
         return ended, kept
 
-    def drop(self, codes: dict[Any, int]) -> tuple[Finished, np.ndarray]:
-        """End sentences by search code (ABANDON: no hypotheses, "abandoned"; STOP_PARTIAL: the best so far,
-        live rows scored at their current length, "deadline"); returns (ended, positions that stay)."""
-        ended: Finished = []
-        keep: list[int] = []
-        for j, key in enumerate(self.keys):
-            code = codes.get(key, KEEP)
-            if code == KEEP:
-                keep.append(j)
-            elif code == STOP_PARTIAL:
-                options, length = self.options[j], int(self.step[j])
-                found = self.finished[j] + [
-                    _Finished(options.normalize(sc, max(1, length)), sc,
-                              self.history[j * self.k + r, :length].tolist(), DEADLINE)
-                    for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
-                result = _result(found, options)
-                ended.append((key, TranslationResult(result.hypotheses, DEADLINE)))
-            else:
-                ended.append((key, TranslationResult([], ABANDONED)))
-        kept = fill_holes(np.asarray(keep, dtype=np.int64), self.size)
-        if ended:
-            self._keep(kept)
-            self.scores = self.scores[kept]
-            self.finished = [self.finished[j] for j in kept.tolist()]
-        return ended, kept
+    def _keep(self, keep: np.ndarray) -> None:
+        super()._keep(keep)
+        self.scores = self.scores[keep]
+        self.finished = [self.finished[j] for j in keep.tolist()]
+
+    def _partial(self, j: int) -> TranslationResult:
+        """Sentence j's best hypotheses so far: finished ones and live rows scored at their current length."""
+        options, length = self.options[j], int(self.step[j])
+        found = self.finished[j] + [
+            _Finished(options.normalize(sc, max(1, length)), sc, self.history[j * self.k + r, :length].tolist(),
+                      DEADLINE)
+            for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
+        return TranslationResult(_result(found, options).hypotheses, DEADLINE)
 
 
 class LaneGreedySearch(_Lane):
@@ -257,28 +262,16 @@ class LaneGreedySearch(_Lane):
         kept = fill_holes(np.asarray(keep, dtype=np.int64), n)
         if kept.size < n:
             self._keep(kept)
-            self.log_probs = self.log_probs[kept]
         return ended, kept
 
-    def drop(self, codes: dict[Any, int]) -> tuple[Finished, np.ndarray]:
-        ended: Finished = []
-        keep: list[int] = []
-        for j, key in enumerate(self.keys):
-            code = codes.get(key, KEEP)
-            if code == KEEP:
-                keep.append(j)
-            elif code == STOP_PARTIAL:
-                length, lp = int(self.step[j]), float(self.log_probs[j])
-                tokens = self.history[j, :length].tolist()
-                ended.append((key, TranslationResult(
-                    [Hypothesis(tokens, self.options[j].normalize(lp, max(1, length)), lp)], DEADLINE)))
-            else:
-                ended.append((key, TranslationResult([], ABANDONED)))
-        kept = fill_holes(np.asarray(keep, dtype=np.int64), self.size)
-        if ended:
-            self._keep(kept)
-            self.log_probs = self.log_probs[kept]
-        return ended, kept
+    def _keep(self, keep: np.ndarray) -> None:
+        super()._keep(keep)
+        self.log_probs = self.log_probs[keep]
+
+    def _partial(self, j: int) -> TranslationResult:
+        length, lp = int(self.step[j]), float(self.log_probs[j])
+        hyp = Hypothesis(self.history[j, :length].tolist(), self.options[j].normalize(lp, max(1, length)), lp)
+        return TranslationResult([hyp], DEADLINE)
 
 
 def lane_search(beams: int, ids: SpecialIds, vocab_size: int) -> LaneBeamSearch | LaneGreedySearch:
