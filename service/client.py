@@ -7,6 +7,8 @@
         print(result.text)                 # best hypothesis
         for index, result in client.translate_stream(document_lines):
             ...                            # as sentences finish, tagged with their index
+        for index, event in client.translate_stream_prefixes(lines):   # a server with scheduler=loop
+            ...                            # str: the words agreed so far; ClientResult: the final result
 
 Over TLS (a server started with `--tls-cert-file` / `--tls-key-file`), pass `tls=ClientTLS(...)`:
 
@@ -57,8 +59,9 @@ class ClientResult:
     """The translation of one sentence as the server returned it."""
 
     hypotheses: list[ClientHypothesis]  # best first
-    finish_reason: str  # "eos", "length" or "empty"
+    finish_reason: str  # "eos", "length", "deadline" or "empty"
     source_tokens: int
+    beam_size: int = 0  # the beam it ran with (smaller than asked when reduced under overload); 0: empty
 
     @property
     def text(self) -> str:
@@ -70,7 +73,7 @@ class ClientResult:
         hyps = [ClientHypothesis(h.text, h.score if h.HasField("score") else None,
                                  h.log_prob if h.HasField("log_prob") else None, list(h.token_ids), list(h.tokens))
                 for h in msg.hypotheses]
-        return cls(hyps, finish_reason_from_pb(msg.finish_reason), msg.source_tokens)
+        return cls(hyps, finish_reason_from_pb(msg.finish_reason), msg.source_tokens, msg.beam_size)
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,19 @@ class TranslatorClient:
     def translate_stream(self, sentences: Sequence[str], model: str = "", options: Options = None,
                          timeout_s: float | None = None) -> Iterator[tuple[int, ClientResult]]:
         """(index, result) as the server finishes sentences (any order)."""
-        for msg in self.stub.TranslateStream(request_pb(sentences, model, options),
-                                             timeout=timeout_s or self.timeout_s):
-            yield msg.index, ClientResult.from_pb(msg.result)
+        for index, event in self.translate_stream_prefixes(sentences, model, options, timeout_s, prefixes=False):
+            assert isinstance(event, ClientResult)
+            yield index, event
+
+    def translate_stream_prefixes(self, sentences: Sequence[str], model: str = "", options: Options = None,
+                                  timeout_s: float | None = None,
+                                  prefixes: bool = True) -> Iterator[tuple[int, ClientResult | str]]:
+        """TranslateStream with stream_prefix: (index, text so far) each time the words every hypothesis of a
+        sentence agrees on grow, then (index, result) when it is finished (sentences in any order)."""
+        request = request_pb(sentences, model, options)
+        request.stream_prefix = prefixes
+        for msg in self.stub.TranslateStream(request, timeout=timeout_s or self.timeout_s):
+            yield msg.index, (ClientResult.from_pb(msg.result) if msg.HasField("result") else msg.prefix)
 
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)

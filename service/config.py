@@ -74,6 +74,9 @@ class ServerConfig:
     # service/server/loop_scheduler.py) or "batch" (request-level: batches of equal options run to their end)
     scheduler: str = "batch"
     max_live_rows: int = 256  # "loop": decoder rows (sentences x beams) one decode loop runs at most
+    # "loop": a sentence queued longer than this is admitted with DecodingOptions.overload_beam_size when its
+    # request set one (counted in rosetta_beam_reduced_sentences); 0 turns reduction off
+    overload_queue_wait_ms: float = 250.0
     # Batching scheduler ("batch"; max_queue_sentences and max_batch_kv_bytes bound "loop" too)
     max_batch_sentences: int = 64  # sentences per engine batch
     max_batch_tokens: int = 4096  # padded source tokens per engine batch (sentences * longest)
@@ -121,7 +124,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s", "partial_margin_ms"):
+        for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s", "partial_margin_ms", "overload_queue_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:

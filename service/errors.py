@@ -38,6 +38,12 @@ class MessageTooLarge(ServiceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(ServiceError):
+    """The request asks for something this server's configuration does not do."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its sentences were computed."""
 

@@ -24,6 +24,7 @@ STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 SENTENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+STEP_ROW_CLASSES = (8, 32, 128, 512)  # rosetta_decoder_step_by_rows_seconds: rows="<=8", ..., rows=">512"
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS_PATH = "/metrics"  # the only path the listener answers; deploy/ scrapes it
 
@@ -89,6 +90,23 @@ class ServerMetrics:
         self.loop_finished = Counter(
             "rosetta_loop_finished_sentences", "Sentences that finished in a decode loop (scheduler=loop).",
             ["model"], registry=r)
+        self.decoder_step_by_rows = Histogram(
+            "rosetta_decoder_step_by_rows_seconds", "Decoder session run time of one step, by its rows (sentences "
+            "x beams) in classes: <=8, <=32, <=128, <=512, >512.", ["model", "rows"], buckets=STEP_BUCKETS_S,
+            registry=r)
+        self.kv_cache_bytes = Gauge(
+            "rosetta_kv_cache_bytes", "K/V of the running decode loops (scheduler=loop): kind=allocated, the bytes "
+            "their caches and cross-attention K/V hold; kind=reserved, the KV-cache bounds of their sentences, "
+            "which admission keeps within rosetta_kv_cache_budget_bytes.", ["model", "kind"], registry=r)
+        self.kv_cache_budget = Gauge(
+            "rosetta_kv_cache_budget_bytes", "KV-cache budget of the decode loops (max_batch_kv_bytes x workers).",
+            ["model"], registry=r)
+        self.beam_reduced = Counter(
+            "rosetta_beam_reduced_sentences", "Sentences admitted with their request's smaller overload_beam_size "
+            "because they queued longer than overload_queue_wait_ms (scheduler=loop).", ["model"], registry=r)
+        self.time_to_first_word = Histogram(
+            "rosetta_time_to_first_word_seconds", "TranslateStream with stream_prefix: time from the call's arrival "
+            "to a sentence's first streamed word.", ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.model_info = Gauge(
             "rosetta_model_info", "A loaded model (always 1).",
             ["model", "version", "precision", "provider", "source_lang", "target_lang"], registry=r)
@@ -101,6 +119,10 @@ class ServerMetrics:
         self.live_rows.labels(name).set(0)
         self.loop_admitted.labels(name)
         self.loop_finished.labels(name)
+        self.beam_reduced.labels(name)
+        for kind in ("allocated", "reserved"):
+            self.kv_cache_bytes.labels(name, kind).set(0)
+        self.kv_cache_budget.labels(name).set(0)
         return ModelMetrics(self, name)
 
     def serve_http(self, host: str, port: int) -> int:
@@ -170,6 +192,14 @@ def _address_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     return family, str(sockaddr[0])
 
 
+def row_class(rows: int) -> str:
+    """The `rows` label of rosetta_decoder_step_by_rows_seconds for a step of `rows` rows."""
+    for bound in STEP_ROW_CLASSES:
+        if rows <= bound:
+            return f"<={bound}"
+    return f">{STEP_ROW_CLASSES[-1]}"
+
+
 @dataclass(frozen=True)
 class ModelMetrics:
     """Metrics bound to one model: the scheduler records batches and queue state through it, and it is the
@@ -185,6 +215,19 @@ class ModelMetrics:
     def on_decoder_step(self, seconds: float, rows: int) -> None:
         self.metrics.decoder_step_duration.labels(self.model).observe(seconds)
         self.metrics.decoder_step_rows.labels(self.model).observe(rows)
+        self.metrics.decoder_step_by_rows.labels(self.model, row_class(rows)).observe(seconds)
+
+    def on_kv_cache(self, allocated: int, reserved: int, budget: int) -> None:
+        m = self.metrics
+        m.kv_cache_bytes.labels(self.model, "allocated").set(allocated)
+        m.kv_cache_bytes.labels(self.model, "reserved").set(reserved)
+        m.kv_cache_budget.labels(self.model).set(budget)
+
+    def on_beam_reduced(self, sentences: int) -> None:
+        self.metrics.beam_reduced.labels(self.model).inc(sentences)
+
+    def on_first_word(self, seconds: float) -> None:
+        self.metrics.time_to_first_word.labels(self.model).observe(seconds)
 
     def on_loop(self, admitted: int, finished: int, live_rows: int) -> None:
         """One step of a decode loop (scheduler=loop): sentences that joined and left, rows after it."""

@@ -4,7 +4,7 @@ decoder (model/decode.py) and the ONNX Runtime engine (service/)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class DecodingOptions:
     return_scores: bool = True
     # With a deadline: stop shortly before it and return the best hypothesis so far (finish reason "deadline")
     partial_at_deadline: bool = False
+    # Under overload (a sentence queued longer than the server's threshold) decode with this smaller beam
+    # instead (step-level scheduler); 0: never reduced
+    overload_beam_size: int = 0
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -33,6 +36,15 @@ class DecodingOptions:
             raise ValueError(f"min_decoding_length must be >= 0, got {self.min_decoding_length}")
         if self.max_decoding_length_ratio < 0 or self.max_decoding_length_offset < 0:
             raise ValueError("max_decoding_length_ratio and _offset must be >= 0")
+        if self.overload_beam_size and not self.num_hypotheses <= self.overload_beam_size <= self.beam_size:
+            raise ValueError(f"overload_beam_size must be 0 (never reduced) or in [num_hypotheses="
+                             f"{self.num_hypotheses}, beam_size={self.beam_size}], got {self.overload_beam_size}")
+
+    def under_overload(self) -> DecodingOptions:
+        """These options with the beam the request allows under overload (itself when it allows none)."""
+        if not self.overload_beam_size or self.overload_beam_size == self.beam_size:
+            return self
+        return replace(self, beam_size=self.overload_beam_size, overload_beam_size=0)
 
     def max_length_for(self, src_len: int) -> int:
         """Generated-token cap (eos included) for a source of `src_len` tokens (eos included)."""

@@ -22,6 +22,7 @@ OPTION_FIELDS = {  # proto DecodingOptions field -> service.options.DecodingOpti
     "num_hypotheses": "num_hypotheses",
     "return_scores": "return_scores",
     "partial_at_deadline": "partial_at_deadline",
+    "overload_beam_size": "overload_beam_size",
 }
 _TO_PB = {ours: theirs for theirs, ours in OPTION_FIELDS.items()}
 

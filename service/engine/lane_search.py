@@ -133,6 +133,15 @@ class _Lane:
     def _partial(self, j: int) -> TranslationResult:
         raise NotImplementedError
 
+    def agreed(self, j: int) -> int:
+        """How many leading tokens every hypothesis of sentence j still in the running shares: its live rows
+        and its finished hypotheses. The final best hypothesis starts with them, and the count never shrinks."""
+        raise NotImplementedError
+
+    def agreed_tokens(self, j: int, n: int) -> list[int]:
+        """The first n tokens of sentence j (all its rows share them when n <= agreed(j))."""
+        return self.history[j * self.k, :n].tolist()
+
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(input ids (R,), origin beam (R,)) of the next decoder call."""
         return self.tokens_in, self.origin
@@ -224,6 +233,26 @@ class LaneBeamSearch(_Lane):
             for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
         return TranslationResult(_result(found, options).hypotheses, DEADLINE)
 
+    def agreed(self, j: int) -> int:
+        k, length = self.k, int(self.step[j])
+        live = np.flatnonzero(self.scores[j] > NEG_INF)
+        rows = self.history[j * k + live, :length]
+        if rows.shape[0] > 1:
+            differs = np.flatnonzero((rows != rows[0]).any(axis=0))
+            length = int(differs[0]) if differs.size else length
+        first = rows[0] if rows.shape[0] else self.history[j * k, :length]
+        for done in self.finished[j]:
+            n = min(length, len(done.tokens))
+            differs = np.flatnonzero(np.asarray(done.tokens[:n]) != first[:n])
+            length = int(differs[0]) if differs.size else n
+        return length
+
+    def agreed_tokens(self, j: int, n: int) -> list[int]:
+        live = np.flatnonzero(self.scores[j] > NEG_INF)
+        if live.size:
+            return self.history[j * self.k + int(live[0]), :n].tolist()
+        return list(self.finished[j][0].tokens[:n])
+
 
 class LaneGreedySearch(_Lane):
     """Beam size 1: the best allowed token of every row, as search.GreedySearch."""
@@ -267,6 +296,9 @@ class LaneGreedySearch(_Lane):
     def _keep(self, keep: np.ndarray) -> None:
         super()._keep(keep)
         self.log_probs = self.log_probs[keep]
+
+    def agreed(self, j: int) -> int:
+        return int(self.step[j])  # one hypothesis: every token it has
 
     def _partial(self, j: int) -> TranslationResult:
         length, lp = int(self.step[j]), float(self.log_probs[j])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,9 @@ class Job:
     options: DecodingOptions
     result: TranslationResult | None = None
     id: int = field(default_factory=lambda: next(_ids))
+    # told the tokens every hypothesis still in the running shares, each time that prefix grows (streaming)
+    on_prefix: Callable[[list[int]], object] | None = None
+    agreed: int = 0  # tokens reported to on_prefix so far
 
 
 @dataclass(eq=False)
@@ -73,6 +76,7 @@ class DecodeLoop:
         self.runtime = engine.runtime
         self.lanes: dict[tuple[int, int], _Lane] = {}  # by (beam width, source length class)
         self._pending: list[tuple[list[Job], DecodingOptions]] = []
+        self._watched: set[Job] = set()  # live jobs with an on_prefix
 
     # -- what the scheduler sees -------------------------------------------------------------------------
 
@@ -84,12 +88,17 @@ class DecodeLoop:
     def live_rows(self) -> int:
         return sum(lane.beams * lane.search.size for lane in self.lanes.values())
 
-    def submit(self, sources: Sequence[Sequence[int]], options: DecodingOptions) -> list[Job]:
-        """Queue sentences (token ids without eos); they join at the next step. Raises ValueError for a
+    def submit(self, sources: Sequence[Sequence[int]], options: DecodingOptions,
+               on_prefix: Sequence[Callable[[list[int]], object] | None] | None = None) -> list[Job]:
+        """Queue sentences (token ids without eos); they join at the next step. `on_prefix[i]`, when given, is
+        called after a step with the tokens on which every hypothesis of sentence i still in the running
+        agrees, each time they grow (the final best hypothesis starts with them). Raises ValueError for a
         source too long or with an id outside the vocabulary."""
         self.engine.pad_sources(sources, options)  # checks ids
         self.engine._check_lengths(sources)
-        jobs = [Job(list(s), options) for s in sources]
+        watch = list(on_prefix) if on_prefix is not None else [None] * len(sources)
+        jobs = [Job(list(s), options, on_prefix=w) for s, w in zip(sources, watch, strict=True)]
+        self._watched.update(j for j in jobs if j.on_prefix is not None)
         if jobs:
             self._pending.append((jobs, options))
         return jobs
@@ -117,6 +126,7 @@ class DecodeLoop:
                 if code != KEEP:  # never started: nothing to answer with
                     job.result = TranslationResult([], DEADLINE if code == STOP_PARTIAL else ABANDONED)
                     ended.append(job)
+                    self._watched.discard(job)
             rest = [j for j in jobs if j.result is None]
             if rest:
                 self._pending.append((rest, options))
@@ -125,6 +135,7 @@ class DecodeLoop:
             for job, result in gone:
                 job.result = self.engine._detokenize(result)
                 ended.append(job)
+                self._watched.discard(job)
             if not lane.search.size:
                 del self.lanes[key]
             elif gone:
@@ -176,8 +187,21 @@ class DecodeLoop:
         for job, result in ended:
             job.result = self.engine._detokenize(result)
             done.append(job)
+            self._watched.discard(job)
         if ended and lane.search.size:
             self.runtime.keep(lane.state, kept)
+        if self._watched:
+            self._report_prefixes(lane)
         return done
+
+    def _report_prefixes(self, lane: _Lane) -> None:
+        search = lane.search
+        for j, job in enumerate(search.keys):
+            if job.on_prefix is None:
+                continue
+            n = search.agreed(j)
+            if n > job.agreed:
+                job.agreed = n
+                job.on_prefix(search.agreed_tokens(j, n))
 
 

@@ -124,6 +124,24 @@ class DecoderState:
     def slots(self) -> int:
         return 0 if self.indirection is None else int(self.indirection.shape[2])
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this loop's K/V: the self-attention cache and the cross-attention K/V, spare room
+        included (metrics: KV-cache occupancy)."""
+        spare = self.spare
+        cross = spare.cross if spare is not None else list(self.cross)
+        cache = spare.cache if spare is not None and spare.cache else list(self.cache or [])
+        arrays = cross + cache
+        return sum(_nbytes(a) for a in arrays)
+
+
+def _nbytes(value: Any) -> int:
+    """A numpy array's or an OrtValue's size in bytes."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    shape = value.shape()
+    return int(np.prod(shape)) * (2 if "16" in value.data_type() else 4)
+
 
 class OrtModel:
     """encoder.onnx + decoder.onnx of one entry on one device. Thread-safe: every call binds its own

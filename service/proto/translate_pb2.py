@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dservice/proto/translate.proto\x12\nrosetta.v1\"\x8f\x04\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12 \n\x13max_decoding_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12&\n\x19max_decoding_length_ratio\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12.\n!max_decoding_length_offset_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12 \n\x13min_decoding_length\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0enum_hypotheses\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\rreturn_scores\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12 \n\x13partial_at_deadline\x18\t \x01(\x08H\x08\x88\x01\x01\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\x16\n\x14_max_decoding_lengthB\x1c\n\x1a_max_decoding_length_ratioB$\n\"_max_decoding_length_offset_tokensB\x16\n\x14_min_decoding_lengthB\x11\n\x0f_num_hypothesesB\x10\n\x0e_return_scoresB\x16\n\x14_partial_at_deadline\"b\n\x10TranslateRequest\x12\x11\n\tsentences\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.rosetta.v1.DecodingOptions\"\x7f\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08log_prob\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0e\n\x06tokens\x18\x05 \x03(\tB\x08\n\x06_scoreB\x0b\n\t_log_prob\"\x87\x01\n\x11TranslationResult\x12*\n\nhypotheses\x18\x01 \x03(\x0b\x32\x16.rosetta.v1.Hypothesis\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.rosetta.v1.FinishReason\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\"E\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\"\x8d\x01\n\x11TranslateResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.rosetta.v1.TranslationResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.rosetta.v1.Timing\"\xa1\x01\n\x17TranslateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1d.rosetta.v1.TranslationResult\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.rosetta.v1.Timing\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.rosetta.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa9\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x19\n\x11signature_version\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x0f\n\x07\x64_model\x18\t \x01(\x05\x12\x16\n\x0e\x65ncoder_layers\x18\n \x01(\x05\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x0b \x01(\x05\x12\r\n\x05heads\x18\x0c \x01(\x05\x12\x18\n\x10max_input_tokens\x18\r \x01(\x05\x12\x15\n\rmanifest_json\x18\x0e \x01(\t*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_EMPTY_INPUT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x32\xbb\x02\n\nTranslator\x12H\n\tTranslate\x12\x1c.rosetta.v1.TranslateRequest\x1a\x1d.rosetta.v1.TranslateResponse\x12V\n\x0fTranslateStream\x12\x1c.rosetta.v1.TranslateRequest\x1a#.rosetta.v1.TranslateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.rosetta.v1.ListModelsRequest\x1a\x1e.rosetta.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.rosetta.v1.GetModelRequest\x1a\x15.rosetta.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dservice/proto/translate.proto\x12\nrosetta.v1\"\xc7\x04\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12 \n\x13max_decoding_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12&\n\x19max_decoding_length_ratio\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12.\n!max_decoding_length_offset_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12 \n\x13min_decoding_length\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0enum_hypotheses\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\rreturn_scores\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12 \n\x13partial_at_deadline\x18\t \x01(\x08H\x08\x88\x01\x01\x12\x1f\n\x12overload_beam_size\x18\n \x01(\x05H\t\x88\x01\x01\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\x16\n\x14_max_decoding_lengthB\x1c\n\x1a_max_decoding_length_ratioB$\n\"_max_decoding_length_offset_tokensB\x16\n\x14_min_decoding_lengthB\x11\n\x0f_num_hypothesesB\x10\n\x0e_return_scoresB\x16\n\x14_partial_at_deadlineB\x15\n\x13_overload_beam_size\"y\n\x10TranslateRequest\x12\x11\n\tsentences\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.rosetta.v1.DecodingOptions\x12\x15\n\rstream_prefix\x18\x04 \x01(\x08\"\x7f\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08log_prob\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0e\n\x06tokens\x18\x05 \x03(\tB\x08\n\x06_scoreB\x0b\n\t_log_prob\"\x9a\x01\n\x11TranslationResult\x12*\n\nhypotheses\x18\x01 \x03(\x0b\x32\x16.rosetta.v1.Hypothesis\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.rosetta.v1.FinishReason\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\x12\x11\n\tbeam_size\x18\x04 \x01(\x05\"E\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x15\n\rqueue_wait_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\"\x8d\x01\n\x11TranslateResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.rosetta.v1.TranslationResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.rosetta.v1.Timing\"\xb1\x01\n\x17TranslateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1d.rosetta.v1.TranslationResult\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.rosetta.v1.Timing\x12\x0e\n\x06prefix\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.rosetta.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa9\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x19\n\x11signature_version\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x0f\n\x07\x64_model\x18\t \x01(\x05\x12\x16\n\x0e\x65ncoder_layers\x18\n \x01(\x05\x12\x16\n\x0e\x64\x65\x63oder_layers\x18\x0b \x01(\x05\x12\r\n\x05heads\x18\x0c \x01(\x05\x12\x18\n\x10max_input_tokens\x18\r \x01(\x05\x12\x15\n\rmanifest_json\x18\x0e \x01(\t*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_EMPTY_INPUT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x32\xbb\x02\n\nTranslator\x12H\n\tTranslate\x12\x1c.rosetta.v1.TranslateRequest\x1a\x1d.rosetta.v1.TranslateResponse\x12V\n\x0fTranslateStream\x12\x1c.rosetta.v1.TranslateRequest\x1a#.rosetta.v1.TranslateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.rosetta.v1.ListModelsRequest\x1a\x1e.rosetta.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.rosetta.v1.GetModelRequest\x1a\x15.rosetta.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.proto.translate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1761
-  _globals['_FINISHREASON']._serialized_end=1914
+  _globals['_FINISHREASON']._serialized_start=1875
+  _globals['_FINISHREASON']._serialized_end=2028
   _globals['_DECODINGOPTIONS']._serialized_start=46
-  _globals['_DECODINGOPTIONS']._serialized_end=573
-  _globals['_TRANSLATEREQUEST']._serialized_start=575
-  _globals['_TRANSLATEREQUEST']._serialized_end=673
-  _globals['_HYPOTHESIS']._serialized_start=675
-  _globals['_HYPOTHESIS']._serialized_end=802
-  _globals['_TRANSLATIONRESULT']._serialized_start=805
-  _globals['_TRANSLATIONRESULT']._serialized_end=940
-  _globals['_TIMING']._serialized_start=942
-  _globals['_TIMING']._serialized_end=1011
-  _globals['_TRANSLATERESPONSE']._serialized_start=1014
-  _globals['_TRANSLATERESPONSE']._serialized_end=1155
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1158
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1319
-  _globals['_LISTMODELSREQUEST']._serialized_start=1321
-  _globals['_LISTMODELSREQUEST']._serialized_end=1340
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1342
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1424
-  _globals['_GETMODELREQUEST']._serialized_start=1426
-  _globals['_GETMODELREQUEST']._serialized_end=1458
-  _globals['_MODELINFO']._serialized_start=1461
-  _globals['_MODELINFO']._serialized_end=1758
-  _globals['_TRANSLATOR']._serialized_start=1917
-  _globals['_TRANSLATOR']._serialized_end=2232
+  _globals['_DECODINGOPTIONS']._serialized_end=629
+  _globals['_TRANSLATEREQUEST']._serialized_start=631
+  _globals['_TRANSLATEREQUEST']._serialized_end=752
+  _globals['_HYPOTHESIS']._serialized_start=754
+  _globals['_HYPOTHESIS']._serialized_end=881
+  _globals['_TRANSLATIONRESULT']._serialized_start=884
+  _globals['_TRANSLATIONRESULT']._serialized_end=1038
+  _globals['_TIMING']._serialized_start=1040
+  _globals['_TIMING']._serialized_end=1109
+  _globals['_TRANSLATERESPONSE']._serialized_start=1112
+  _globals['_TRANSLATERESPONSE']._serialized_end=1253
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1256
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1433
+  _globals['_LISTMODELSREQUEST']._serialized_start=1435
+  _globals['_LISTMODELSREQUEST']._serialized_end=1454
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1456
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1538
+  _globals['_GETMODELREQUEST']._serialized_start=1540
+  _globals['_GETMODELREQUEST']._serialized_end=1572
+  _globals['_MODELINFO']._serialized_start=1575
+  _globals['_MODELINFO']._serialized_end=1872
+  _globals['_TRANSLATOR']._serialized_start=2031
+  _globals['_TRANSLATOR']._serialized_end=2346
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ FINISH_REASON_EMPTY_INPUT: FinishReason
 FINISH_REASON_DEADLINE: FinishReason
 
 class DecodingOptions(_message.Message):
-    __slots__ = ("beam_size", "length_penalty", "max_decoding_length", "max_decoding_length_ratio", "max_decoding_length_offset_tokens", "min_decoding_length", "num_hypotheses", "return_scores", "partial_at_deadline")
+    __slots__ = ("beam_size", "length_penalty", "max_decoding_length", "max_decoding_length_ratio", "max_decoding_length_offset_tokens", "min_decoding_length", "num_hypotheses", "return_scores", "partial_at_deadline", "overload_beam_size")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODING_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class DecodingOptions(_message.Message):
     NUM_HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_AT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    OVERLOAD_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     length_penalty: float
     max_decoding_length: int
@@ -40,17 +41,20 @@ class DecodingOptions(_message.Message):
     num_hypotheses: int
     return_scores: bool
     partial_at_deadline: bool
-    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_decoding_length: _Optional[int] = ..., max_decoding_length_ratio: _Optional[float] = ..., max_decoding_length_offset_tokens: _Optional[int] = ..., min_decoding_length: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., return_scores: _Optional[bool] = ..., partial_at_deadline: _Optional[bool] = ...) -> None: ...
+    overload_beam_size: int
+    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_decoding_length: _Optional[int] = ..., max_decoding_length_ratio: _Optional[float] = ..., max_decoding_length_offset_tokens: _Optional[int] = ..., min_decoding_length: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., return_scores: _Optional[bool] = ..., partial_at_deadline: _Optional[bool] = ..., overload_beam_size: _Optional[int] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("sentences", "model", "options")
+    __slots__ = ("sentences", "model", "options", "stream_prefix")
     SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_PREFIX_FIELD_NUMBER: _ClassVar[int]
     sentences: _containers.RepeatedScalarFieldContainer[str]
     model: str
     options: DecodingOptions
-    def __init__(self, sentences: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
+    stream_prefix: bool
+    def __init__(self, sentences: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., stream_prefix: _Optional[bool] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("text", "score", "log_prob", "token_ids", "tokens")
@@ -67,14 +71,16 @@ class Hypothesis(_message.Message):
     def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., log_prob: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TranslationResult(_message.Message):
-    __slots__ = ("hypotheses", "finish_reason", "source_tokens")
+    __slots__ = ("hypotheses", "finish_reason", "source_tokens", "beam_size")
     HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     hypotheses: _containers.RepeatedCompositeFieldContainer[Hypothesis]
     finish_reason: FinishReason
     source_tokens: int
-    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., source_tokens: _Optional[int] = ...) -> None: ...
+    beam_size: int
+    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., source_tokens: _Optional[int] = ..., beam_size: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("total_ms", "queue_wait_ms", "compute_ms")
@@ -99,18 +105,20 @@ class TranslateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TranslationResult, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class TranslateStreamResponse(_message.Message):
-    __slots__ = ("index", "result", "model", "model_version", "timing")
+    __slots__ = ("index", "result", "model", "model_version", "timing", "prefix")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     index: int
     result: TranslationResult
     model: str
     model_version: str
     timing: Timing
-    def __init__(self, index: _Optional[int] = ..., result: _Optional[_Union[TranslationResult, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    prefix: str
+    def __init__(self, index: _Optional[int] = ..., result: _Optional[_Union[TranslationResult, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., prefix: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

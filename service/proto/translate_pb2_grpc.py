@@ -79,6 +79,8 @@ class TranslatorServicer:
         """Translates a long document: one message per sentence, sent as soon as that sentence is finished
         (not necessarily in request order; each carries its index). Same errors as Translate; the
         sentence cap is ServerConfig.max_sentences_per_stream instead of max_sentences_per_request.
+        With TranslateRequest.stream_prefix, progress messages (`prefix` set, `result` unset) come before a
+        sentence's final message; FAILED_PRECONDITION when the server runs the request-level scheduler.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

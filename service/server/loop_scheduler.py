@@ -13,6 +13,10 @@ sentences with their options, get one future per sentence. Each worker thread ow
   long sentence is never passed over for short ones (no starvation). Options do not group anything:
   every sentence joins whichever loop is free, with its own beam, lengths and penalty.
 - A lone caller waits for nothing: an idle worker admits a sentence as soon as it is queued.
+- Overload: a sentence that waited in the queue longer than `overload_queue_wait_s` is admitted with its
+  request's `overload_beam_size` when it set one (fewer rows, so the queue drains sooner); counted.
+- Streaming: a sentence submitted with an `on_prefix` callback is told, on the event loop, the tokens on
+  which all its hypotheses still in the running agree, each time they grow.
 - Between two steps, sentences whose call was cancelled or whose deadline passed leave the loop (with
   `partial_at_deadline`, `partial_margin_s` before the deadline with their best hypotheses so far).
 - A step that raises fails the sentences of that loop (EngineFailure); the worker starts a new loop.
@@ -53,6 +57,8 @@ class LoopObserver(SchedulerObserver, Protocol):
     """The scheduler's observer plus the engine's (service.metrics.ModelMetrics implements it)."""
 
     def on_loop(self, admitted: int, finished: int, live_rows: int) -> None: ...
+    def on_kv_cache(self, allocated: int, reserved: int, budget: int) -> None: ...
+    def on_beam_reduced(self, sentences: int) -> None: ...
     def on_encoder(self, seconds: float) -> None: ...
     def on_decoder_step(self, seconds: float, rows: int) -> None: ...
 
@@ -65,6 +71,7 @@ Convert = Callable[[list[int], TranslationResult], Any]
 class LoopConfig:
     max_live_rows: int = 256  # decoder rows (sentences x beams) of one loop
     max_kv_bytes: int = 128 * 1024 * 1024  # sum of the live sentences' KV-cache bounds in one loop
+    overload_queue_wait_s: float = 0.25  # queued longer: admitted with overload_beam_size if allowed; 0 off
 
 
 class LoopScheduler:
@@ -86,6 +93,7 @@ class LoopScheduler:
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._seq = 0
         self.live_rows = [0] * workers  # per worker, after its last step (metrics, tests)
+        self._kv = [(0, 0)] * workers  # per worker: (bytes its loop's K/V hold, its sentences' KV bounds)
 
     # -- the Scheduler interface ----------------------------------------------------------------------
 
@@ -106,9 +114,11 @@ class LoopScheduler:
         self._report_queue()
 
     def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None,
-               kv_bytes: Sequence[int] | None = None) -> Ticket:
+               kv_bytes: Sequence[int] | None = None,
+               on_prefix: Sequence[Callable[[list[int]], object] | None] | None = None) -> Ticket:
         """Queue `sources` (token ids without eos); raises QueueFull (nothing queued), Unavailable after
-        close() and DeadlineExceeded when `deadline` (time.monotonic()) has passed."""
+        close() and DeadlineExceeded when `deadline` (time.monotonic()) has passed. `on_prefix[i]` (called
+        on the event loop) streams sentence i's agreed prefix (service.engine.loop.DecodeLoop.submit)."""
         if self._closed or self._event_loop is None:
             raise Unavailable("the scheduler is not running")
         now = time.monotonic()
@@ -116,16 +126,17 @@ class LoopScheduler:
             raise DeadlineExceeded("deadline passed before the request was queued")
         cap = self.config.max_queue_sentences
         costs = kv_bytes if kv_bytes is not None else [0] * len(sources)
+        watch = on_prefix if on_prefix is not None else [None] * len(sources)
         ticket = Ticket([], deadline, self)  # type: ignore[arg-type]  # Ticket.cancel calls our _cancel
         with self._cond:
             if len(self._queue) + len(sources) > cap:
                 raise QueueFull(f"queue full: {len(self._queue)} sentences queued, the request adds {len(sources)}, "
                                 f"max_queue_sentences={cap}; retry later")
-            for ids, cost in zip(sources, costs, strict=True):
+            for ids, cost, callback in zip(sources, costs, watch, strict=True):
                 fut: asyncio.Future[SentenceOutput] = self._event_loop.create_future()  # type: ignore[type-arg]
                 ticket.futures.append(fut)
                 self._seq += 1
-                self._queue.append(_Item(list(ids), options, ticket, now, fut, self._seq, int(cost)))
+                self._queue.append(_Item(list(ids), options, ticket, now, fut, self._seq, int(cost), callback))
             self._cond.notify_all()  # every idle worker: each takes its share
         self._report_queue()
         return ticket
@@ -176,9 +187,11 @@ class LoopScheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-                admitted = self._take(worker, loop, live)
+                admitted, reduced = self._take(worker, loop, live)
             if admitted:
                 self._report_queue_threadsafe()
+            if reduced and self._observer is not None:
+                self._observer.on_beam_reduced(reduced)
             self._admit(loop, live, admitted)
             if self._drop_unwanted(loop, live) and loop.idle:
                 self._after_step(worker, loop, 0, 0)
@@ -196,12 +209,12 @@ class LoopScheduler:
                 self._after_step(worker, loop, 0, 0)  # no rows left: the stalled-loop alert must not see any
                 continue
             now = time.monotonic()
-            self._after_step(worker, loop, len(admitted), len(finished))
             for job in finished:
                 it, admitted_at = live.pop(job)
                 assert job.result is not None
                 self._resolve(it, SentenceOutput(self._convert(it.ids, job.result), admitted_at - it.enqueued_at,
-                                                 now - admitted_at, len(live) + 1))
+                                                 now - admitted_at, len(live) + 1, it.options.beam_size))
+            self._after_step(worker, loop, len(admitted), len(finished), live)
             if loop.idle and self._on_idle is not None and not self._queue:
                 self._on_idle()
         for it, _ in live.values():
@@ -209,21 +222,31 @@ class LoopScheduler:
         if live and self._observer is not None:
             self._observer.on_dropped(SHUTDOWN, len(live))
 
-    def _after_step(self, worker: int, loop: DecodeLoop, admitted: int, finished: int) -> None:
+    def _after_step(self, worker: int, loop: DecodeLoop, admitted: int, finished: int,
+                    live: dict[Job, tuple[_Item, float]] | None = None) -> None:
         self.live_rows[worker] = loop.live_rows
+        self._kv[worker] = (sum(lane.state.kv_bytes for lane in loop.lanes.values()),
+                            sum(it.kv_bytes for it, _ in live.values()) if live else 0)
         if self._observer is not None:
             self._observer.on_loop(admitted, finished, sum(self.live_rows))
+            self._observer.on_kv_cache(sum(a for a, _ in self._kv), sum(r for _, r in self._kv),
+                                       self.loop_config.max_kv_bytes * self._workers)
 
-    def _take(self, worker: int, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]]) -> list[_Item]:
-        """The oldest queued sentences that fit this loop (caller holds the lock). With several workers a loop
-        takes only its share of the work (live rows of every loop plus the queue's, split evenly), so that
-        a burst spreads over the cores instead of filling the first loop."""
+    def _take(self, worker: int, loop: DecodeLoop,
+              live: dict[Job, tuple[_Item, float]]) -> tuple[list[_Item], int]:
+        """The oldest queued sentences that fit this loop (caller holds the lock), and how many of them were
+        given their request's smaller overload beam. With several workers a loop takes only its share of the
+        work (live rows of every loop plus the queue's, split evenly), so that a burst spreads over the
+        cores instead of filling the first loop."""
         rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
         cfg = self.loop_config
         others = sum(self.live_rows) - self.live_rows[worker]
         ahead = itertools.islice(self._queue, cfg.max_live_rows * self._workers)  # enough to fill every loop
         share = (others + rows + sum(it.options.beam_size for it in ahead)) / self._workers
         taken: list[_Item] = []
+        reduced = 0
+        now = time.monotonic()
+        overload = cfg.overload_queue_wait_s
         while self._queue:
             it = self._queue[0]
             if it.future.done():  # its call was cancelled while queued (Ticket.cancel had not run yet)
@@ -231,14 +254,20 @@ class LoopScheduler:
                 if self._observer is not None:
                     self._observer.on_dropped(_drop_reason(it.ticket, time.monotonic()))
                 continue
-            grow = it.options.beam_size
+            options = it.options
+            if overload > 0 and now - it.enqueued_at > overload:
+                options = options.under_overload()
+            grow = options.beam_size
             if (rows or taken) and (rows + grow > min(cfg.max_live_rows, max(share, grow))
                                     or kv + it.kv_bytes > cfg.max_kv_bytes):
                 break
             self._queue.popleft()
+            if options is not it.options:
+                it.options = options
+                reduced += 1
             taken.append(it)
             rows, kv = rows + grow, kv + it.kv_bytes
-        return taken
+        return taken, reduced
 
     def _admit(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]], items: list[_Item]) -> None:
         now = time.monotonic()
@@ -251,8 +280,9 @@ class LoopScheduler:
                 continue
             by_options.setdefault(it.options, []).append(it)
         for options, group in by_options.items():
+            watch = [self._prefix_hop(it.on_prefix) if it.on_prefix is not None else None for it in group]
             try:
-                jobs = loop.submit([it.ids for it in group], options)
+                jobs = loop.submit([it.ids for it in group], options, watch if any(watch) else None)
             except ValueError as err:  # the servicer checked lengths and ids: not expected
                 for it in group:
                     self._resolve(it, error=EngineFailure(str(err)))
@@ -287,7 +317,7 @@ class LoopScheduler:
             result = job.result
             if result is not None and result.finish_reason != ABANDONED:  # a partial answer
                 self._resolve(it, SentenceOutput(self._convert(it.ids, result), admitted_at - it.enqueued_at,
-                                                 now - admitted_at, len(live) + 1))
+                                                 now - admitted_at, len(live) + 1, it.options.beam_size))
                 continue
             reason = _drop_reason(it.ticket, now)
             dropped[reason] += 1
@@ -299,6 +329,17 @@ class LoopScheduler:
         return True
 
     # -- the event loop's side ------------------------------------------------------------------------
+
+    def _prefix_hop(self, callback: Callable[[list[int]], object]) -> Callable[[list[int]], None]:
+        """`callback`, called from a worker, run on the event loop."""
+        event_loop = self._event_loop
+        assert event_loop is not None
+
+        def hop(tokens: list[int]) -> None:
+            if not event_loop.is_closed():
+                event_loop.call_soon_threadsafe(callback, tokens)
+
+        return hop
 
     def _resolve(self, it: _Item, value: SentenceOutput | None = None, error: Exception | None = None) -> None:
         def settle() -> None:

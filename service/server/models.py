@@ -108,7 +108,8 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
     scheduler: Scheduler | LoopScheduler
     if config.scheduler == "loop":
         scheduler = LoopScheduler(engine, workers, make_converter(engine, model_metrics), scheduler_config,
-                                  LoopConfig(config.max_live_rows, config.max_batch_kv_bytes), model_metrics,
+                                  LoopConfig(config.max_live_rows, config.max_batch_kv_bytes,
+                                             config.overload_queue_wait_ms / 1000), model_metrics,
                                   engine.name, on_idle)
     else:
         runners = [make_runner(engine, model_metrics) for _ in range(workers)]

@@ -21,6 +21,7 @@ class SentenceTranslation:
     source_tokens: int  # eos excluded
     queue_wait_s: float = 0.0
     compute_s: float = 0.0
+    beam_size: int = 0  # the beam it ran with (reduced under overload when the request allowed it); 0: empty
 
 
 @dataclass(frozen=True)

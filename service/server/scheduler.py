@@ -89,6 +89,7 @@ class SentenceOutput(Generic[R]):
     queue_wait_s: float  # from submit to the start of its batch
     compute_s: float  # run time of its batch
     batch_sentences: int  # size of its batch
+    beam_size: int = 0  # the beam it was decoded with
 
 
 @dataclass(eq=False)
@@ -100,6 +101,7 @@ class _Item:
     future: asyncio.Future[SentenceOutput]  # type: ignore[type-arg]
     seq: int
     kv_bytes: int = 0  # the KV-cache bound of this sentence (counted against max_batch_kv_bytes)
+    on_prefix: Callable[[list[int]], object] | None = None  # step-level scheduler: streamed prefixes
 
     @property
     def tokens(self) -> int:
@@ -392,7 +394,8 @@ class Scheduler:
                             Unavailable("the server stopped before this sentence was finished; retry")
                             if reason == SHUTDOWN else DeadlineExceeded("deadline passed while decoding"))
                 elif not it.future.done():
-                    it.future.set_result(SentenceOutput(result, start - it.enqueued_at, compute_s, len(batch)))
+                    it.future.set_result(SentenceOutput(result, start - it.enqueued_at, compute_s, len(batch),
+                                                        it.options.beam_size))
             if self._observer is not None:
                 for reason, count in dropped.items():
                     if count:

@@ -41,7 +41,7 @@ def result_to_pb(t: SentenceTranslation, return_scores: bool) -> pb.TranslationR
             msg.score, msg.log_prob = h.score, h.log_prob
         hyps.append(msg)
     return pb.TranslationResult(hypotheses=hyps, finish_reason=finish_reason_to_pb(t.finish_reason),
-                                source_tokens=t.source_tokens)
+                                source_tokens=t.source_tokens, beam_size=t.beam_size)
 
 
 def model_info_to_pb(model: ServedModel) -> pb.ModelInfo:
@@ -171,6 +171,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                         context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         async with _RpcScope(self.metrics, context) as scope:
             req = self._message(pb.TranslateRequest, request)
+            if req.stream_prefix:
+                raise InvalidArgument("stream_prefix is a TranslateStream option; Translate answers once")
             model = self.translator.resolve(req.model)
             scope.bind(model)
             options = options_from_pb(req.options)
@@ -192,9 +194,18 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             scope.bind(model)
             options = options_from_pb(req.options)
             return_scores = options.get("return_scores", True)
-            stream = self.translator.translate_stream(model, list(req.sentences), options, scope.deadline)
+            stream = self.translator.translate_stream(model, list(req.sentences), options, scope.deadline,
+                                                      req.stream_prefix)
+            streamed: set[int] = set()  # sentences with a first word out
             async with contextlib.aclosing(stream):
                 async for index, t in stream:
+                    if isinstance(t, str):  # progress: the agreed prefix grew
+                        if index not in streamed:
+                            streamed.add(index)
+                            model.metrics.on_first_word(time.perf_counter() - scope.start)
+                        yield pb.TranslateStreamResponse(index=index, prefix=t, model=model.name,
+                                                         model_version=model.version)
+                        continue
                     yield pb.TranslateStreamResponse(
                         index=index, result=result_to_pb(t, return_scores), model=model.name,
                         model_version=model.version,

@@ -4,11 +4,14 @@ ServiceError subclasses, which the servicer maps to statuses."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import functools
+import re
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
-from service.errors import InvalidArgument, ModelNotFound, QueueFull, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from service.options import DecodingOptions
+from service.server.loop_scheduler import LoopScheduler
 from service.server.models import ServedModel
 from service.server.results import SentenceTranslation, Translation, empty_translation
 from service.server.scheduler import (
@@ -86,10 +89,16 @@ class Translator:
         return Translation(out, model.name, model.version)
 
     async def translate_stream(self, model: ServedModel, sentences: Sequence[str], options: dict[str, Any],
-                               deadline: float | None) -> AsyncGenerator[tuple[int, SentenceTranslation], None]:
-        """(index, translation) as sentences finish. At most max_sentences_per_request of this call's
-        sentences are queued at a time, so one long document cannot fill the queue; the first chunk
-        raises QueueFull when the queue is full, later chunks wait for room."""
+                               deadline: float | None, stream_prefix: bool = False,
+                               ) -> AsyncGenerator[tuple[int, SentenceTranslation | str], None]:
+        """(index, translation) as sentences finish; with `stream_prefix` also (index, prefix text) before
+        that, each time the words every hypothesis of the sentence agrees on grow (`whole_words`). At most
+        max_sentences_per_request of this call's sentences are queued at a time, so one long document
+        cannot fill the queue; the first chunk raises QueueFull when the queue is full, later chunks wait
+        for room."""
+        if stream_prefix and not isinstance(model.scheduler, LoopScheduler):
+            raise FailedPrecondition("stream_prefix needs the step-level scheduler, and this server runs the "
+                                     "request-level one (ServerConfig.scheduler='batch')")
         decoding, sources, kv = await self.prepare(model, sentences, options, stream=True)
         for i, ids in enumerate(sources):
             if ids is None:
@@ -97,36 +106,65 @@ class Translator:
         todo = [i for i, ids in enumerate(sources) if ids is not None]
         kv_of = dict(zip(todo, kv, strict=True))
         window = self.limits.max_sentences_per_request
-        pending: dict[asyncio.Future[SentenceOutput], int] = {}  # type: ignore[type-arg]
+        events: asyncio.Queue[tuple[int, asyncio.Future[SentenceOutput] | list[int]]] = asyncio.Queue()  # type: ignore[type-arg]
+        in_flight = 0
+        shown_prefix: dict[int, str] = {}
         tickets: list[Ticket] = []
         first = True
+
+        def on_prefix(index: int) -> Callable[[list[int]], None]:
+            return functools.partial(_put_index, events, index)
+
         try:
-            while todo or pending:
-                room = window - len(pending)
+            while todo or in_flight:
+                room = window - in_flight
                 if todo and room > 0:
                     chunk, rest = todo[:room], todo[room:]
+                    extra = {"on_prefix": [on_prefix(i) for i in chunk]} if stream_prefix else {}
                     try:
                         ticket = model.scheduler.submit([sources[i] for i in chunk], decoding,  # type: ignore[misc]
-                                                        deadline, kv_bytes=[kv_of[i] for i in chunk])
+                                                        deadline, kv_bytes=[kv_of[i] for i in chunk], **extra)
                     except QueueFull:
                         if first:
                             raise
-                        if not pending:  # nothing of ours in flight: wait for room
+                        if not in_flight:  # nothing of ours in flight: wait for room
                             await asyncio.sleep(model.scheduler.config.max_wait_ms / 1000 + 0.005)
                             continue
                     else:
                         todo, first = rest, False
                         tickets.append(ticket)
-                        pending.update(zip(ticket.futures, chunk, strict=True))
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: pending[f]):
-                    index = pending.pop(fut)
-                    yield index, _with_timing(fut.result())
+                        in_flight += len(chunk)
+                        for fut, i in zip(ticket.futures, chunk, strict=True):
+                            fut.add_done_callback(functools.partial(_put_index, events, i))
+                index, event = await events.get()
+                if isinstance(event, list):  # a grown agreed prefix
+                    text = whole_words(model.tokenizer.decode(event))
+                    if len(text) > len(shown_prefix.get(index, "")):
+                        shown_prefix[index] = text
+                        yield index, text
+                    continue
+                in_flight -= 1
+                yield index, _with_timing(event.result())
         finally:
             for ticket in tickets:
                 ticket.cancel()
 
 
+def _put_index(events: asyncio.Queue[Any], index: int, event: Any) -> None:
+    events.put_nowait((index, event))
+
+
 def _with_timing(output: SentenceOutput) -> SentenceTranslation:  # type: ignore[type-arg]
     t: SentenceTranslation = output.result
-    return SentenceTranslation(t.hypotheses, t.finish_reason, t.source_tokens, output.queue_wait_s, output.compute_s)
+    return SentenceTranslation(t.hypotheses, t.finish_reason, t.source_tokens, output.queue_wait_s, output.compute_s,
+                               output.beam_size)
+
+
+_LAST_WORD = re.compile(r"\s+\S*\Z")
+
+
+def whole_words(text: str) -> str:
+    """The words of `text` that are complete: all but the last, which the next token may still extend
+    (all of them when `text` ends with a space)."""
+    match = _LAST_WORD.search(text)
+    return text[: match.start()] if match else ""

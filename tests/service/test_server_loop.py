@@ -119,3 +119,125 @@ def test_drain_lets_live_sentences_finish_then_stops(loop_server: Any, german: l
     with pytest.raises(grpc.RpcError) as info:
         long.result()
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+# -- streaming the agreed prefix ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [DecodingOptions(beam_size=1), DecodingOptions(beam_size=4, num_hypotheses=2)])
+def test_stream_prefix_sends_growing_whole_word_prefixes_that_the_final_result_starts_with(
+        loop_server: Any, tiny_engine: Any, german: list[str], options: DecodingOptions) -> None:
+    sentences = german[:12]
+    req = request(sentences, options)
+    req.stream_prefix = True
+    prefixes: dict[int, list[str]] = {i: [] for i in range(len(sentences))}
+    finals: dict[int, pb.TranslationResult] = {}
+    for msg in loop_server.stub().TranslateStream(req, timeout=60):
+        if msg.HasField("result"):
+            assert msg.index not in finals and not msg.prefix
+            finals[msg.index] = msg.result
+        else:
+            assert msg.index not in finals  # progress comes before the final message
+            prefixes[msg.index].append(msg.prefix)
+    expected = tiny_engine.translate_batch(sentences, options)
+    streamed = 0
+    for i, exp in enumerate(expected):
+        assert_same(finals[i], exp, tiny_engine.tokenizer)  # streaming changes no result
+        best = finals[i].hypotheses[0].text
+        for before, after in zip([""] + prefixes[i], prefixes[i], strict=False):
+            assert len(after) > len(before) and after.startswith(before)
+        for prefix in prefixes[i]:
+            assert best.startswith(prefix) and best[len(prefix):][:1].isspace()  # whole words only
+        if options.beam_size == 1 and len(best.split()) > 1:  # greedy: every word but the last one
+            assert prefixes[i] and prefixes[i][-1] == best.rsplit(maxsplit=1)[0].rstrip()
+        streamed += bool(prefixes[i])
+    assert streamed >= 3
+    assert loop_server.metric("rosetta_time_to_first_word_seconds_count", model="tiny") == streamed
+
+
+def test_stream_prefix_is_refused_on_translate_and_by_the_request_level_scheduler(
+        start_server: Any, german: list[str]) -> None:
+    batch_server = start_server(scheduler="batch")
+    req = request(german[:2])
+    req.stream_prefix = True
+    with pytest.raises(grpc.RpcError) as info:
+        batch_server.stub().Translate(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream_prefix" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:
+        list(batch_server.stub().TranslateStream(req, timeout=30))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "step-level" in (info.value.details() or "")
+    req.stream_prefix = False
+    assert len(list(batch_server.stub().TranslateStream(req, timeout=30))) == 2  # the server is fine
+
+
+# -- overload: a smaller beam when the request allows it ----------------------------------------------------
+
+
+def test_under_overload_sentences_that_allow_it_run_with_their_smaller_beam(
+        start_server: Any, tiny_engine: Any, german: list[str]) -> None:
+    # one loop of 2 beam-4 sentences: the first two start at once, the rest queue for over 100 ms
+    server = start_server(scheduler="loop", workers=1, max_live_rows=8, overload_queue_wait_ms=100)
+    allowing = DecodingOptions(beam_size=4, overload_beam_size=1)
+    sentences = german[:40]
+    reply = server.stub().Translate(request(sentences, allowing), timeout=60)
+    beams = [r.beam_size for r in reply.results]
+    assert set(beams) == {1, 4}  # the first ones ran at once with beam 4, the queued rest with beam 1
+    assert server.metric("rosetta_beam_reduced_sentences_total", model="tiny") == beams.count(1)
+    for sentence, served in zip(sentences, reply.results, strict=True):  # each exactly its beam's result
+        alone = tiny_engine.translate_batch([sentence], DecodingOptions(beam_size=served.beam_size))[0]
+        assert_same(served, alone, tiny_engine.tokenizer)
+    fixed = server.stub().Translate(request(sentences, DecodingOptions(beam_size=4)), timeout=60)
+    assert {r.beam_size for r in fixed.results} == {4}  # no overload_beam_size: never reduced
+    assert server.metric("rosetta_beam_reduced_sentences_total", model="tiny") == beams.count(1)
+
+
+@pytest.mark.parametrize("given, message", [
+    (pb.DecodingOptions(beam_size=4, overload_beam_size=5), "overload_beam_size=5 is out of range [num_hypotheses=1, "
+                                                            "beam_size=4]"),
+    (pb.DecodingOptions(beam_size=4, num_hypotheses=3, overload_beam_size=2), "overload_beam_size=2 is out of range"),
+    (pb.DecodingOptions(beam_size=4, overload_beam_size=-1), "overload_beam_size=-1 is out of range"),
+])
+def test_an_overload_beam_out_of_range_is_invalid_argument(loop_server: Any, german: list[str],
+                                                           given: pb.DecodingOptions, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        loop_server.stub().Translate(request(german[:1], given), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (info.value.details() or "")
+
+
+# -- KV-cache occupancy and step time by rows ----------------------------------------------------------------
+
+
+def test_kv_cache_occupancy_is_reported_while_a_loop_runs_and_returns_to_zero(
+        loop_server: Any, german: list[str]) -> None:
+    stub = loop_server.stub()
+    future = stub.Translate.future(request(german[:MANY], LONG), timeout=60)
+    wait_until(lambda: loop_server.metric("rosetta_kv_cache_bytes", model="tiny", kind="allocated") > 0)
+    reserved = loop_server.metric("rosetta_kv_cache_bytes", model="tiny", kind="reserved")
+    budget = loop_server.metric("rosetta_kv_cache_budget_bytes", model="tiny")
+    assert 0 < reserved <= budget == 2 * loop_server.server.config.max_batch_kv_bytes  # two workers
+    assert len(future.result().results) == MANY
+    wait_until(lambda: loop_server.metric("rosetta_kv_cache_bytes", model="tiny", kind="allocated") == 0)
+    assert loop_server.metric("rosetta_kv_cache_bytes", model="tiny", kind="reserved") == 0
+    steps = loop_server.metric("rosetta_decoder_step_duration_seconds_count", model="tiny")
+    by_rows = sum(loop_server.metric("rosetta_decoder_step_by_rows_seconds_count", model="tiny", rows=c)
+                  for c in ("<=8", "<=32", "<=128", "<=512", ">512"))
+    assert steps > 200 and by_rows == steps
+    # 16 sentences x 4 beams split over two loops: steps of 9 to 32 rows
+    assert loop_server.metric("rosetta_decoder_step_by_rows_seconds_count", model="tiny", rows="<=32") > 0
+
+
+def test_python_client_streams_prefixes_then_results(loop_server: Any, german: list[str]) -> None:
+    from service.client import ClientResult, TranslatorClient
+
+    with TranslatorClient(loop_server.address) as client:
+        events = list(client.translate_stream_prefixes(german[:4], options={"beam_size": 1}))
+        plain = dict(client.translate_stream(german[:4], options={"beam_size": 1}))
+    results = {i: e for i, e in events if isinstance(e, ClientResult)}
+    prefixes = [(i, e) for i, e in events if isinstance(e, str)]
+    assert sorted(results) == [0, 1, 2, 3]  # scores may differ in the last float bits: other batch mates
+    assert {i: r.hypotheses[0].token_ids for i, r in results.items()} == \
+        {i: r.hypotheses[0].token_ids for i, r in plain.items()}
+    assert prefixes and all(results[i].text.startswith(p) for i, p in prefixes)
+    assert {r.beam_size for r in results.values()} == {1}

@@ -119,3 +119,33 @@ def test_dropped_sentences_leave_at_once_and_the_others_decode_as_alone(
     for job, options in ((a[0], beam), (a[3], beam), (b[1], greedy)):
         assert job.result is not None
         _same(job.result, engine.translate_ids([job.source], options)[0])
+
+
+@pytest.mark.parametrize("options", [DecodingOptions(beam_size=4), DecodingOptions(beam_size=1),
+                                     DecodingOptions(beam_size=3, length_penalty=0.6, num_hypotheses=2)])
+def test_streamed_prefixes_grow_and_start_the_final_best_hypothesis(
+        engine: Engine, sources: list[list[int]], options: DecodingOptions) -> None:
+    """on_prefix reports the tokens every hypothesis still in the running shares: each report extends the
+    one before and the final best hypothesis starts with all of them; greedy reports every token."""
+    loop = DecodeLoop(engine)
+    reports: dict[int, list[list[int]]] = {i: [] for i in range(6)}
+    jobs = loop.submit(sources[:3], options, on_prefix=[reports[i].append for i in range(3)])
+    loop.step()
+    jobs += loop.submit(sources[3:6], options, on_prefix=[reports[i].append for i in range(3, 6)])
+    while not loop.idle:
+        loop.step()
+    assert not loop._watched
+    grew = 0
+    for i, job in enumerate(jobs):
+        assert job.result is not None
+        best = job.result.hypotheses[0].tokens
+        seen: list[int] = []
+        for tokens in reports[i]:
+            assert len(tokens) > len(seen) and tokens[: len(seen)] == seen
+            assert best[: len(tokens)] == tokens
+            seen = tokens
+        grew += len(reports[i])
+        if options.beam_size == 1:  # greedy: every token but the last step's eos was reported
+            assert seen == best
+        _same(job.result, engine.translate_ids([sources[i]], options)[0])  # watching changes nothing
+    assert grew >= 6
