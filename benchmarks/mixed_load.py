@@ -6,9 +6,14 @@ For each server (`rosetta serve FLAGS`, started and stopped in turn, as benchmar
 1. idle: `--short-callers` closed-loop callers send one short sentence each (a test_2016_flickr caption),
    half of them with beam 1 and half with beam 4, for `--duration-s`;
 2. mixed: the same, while `--long-callers` more callers send long sentences (5 captions joined, ~5x
-   longer), half beam 1 and half beam 4.
-Reports the short calls' p50/p99 latency in both phases and their ratio (the issue's bar: p99 mixed at
-most 1.5x p99 idle), the long calls' throughput, as a Markdown table (stdout and --out .md/.json).
+   longer), half beam 1 and half beam 4;
+3. fixed work: every caller of phase 2 makes a set number of calls (`--fixed-calls` long ones each, 5x
+   as many short ones each) and the time until all are answered is measured. In phases 1-2 a server
+   that answers one kind sooner gets more calls of that kind (closed loops), so only this phase
+   compares throughput on equal work.
+Reports the short calls' p50/p99 latency in phases 1-2 and their ratio (the issue's bar: p99 mixed at
+most 1.5x p99 idle), the long calls' throughput, and the fixed work's time, as a Markdown table (stdout
+and --out .md/.json).
 """
 
 from __future__ import annotations
@@ -67,6 +72,27 @@ async def phase(address: str, short: list[str], long: list[str], args: argparse.
             "short_calls": len(measured), "long_calls_per_s": done_long / (args.warmup_s + args.duration_s)}
 
 
+async def fixed_work(address: str, short: list[str], long: list[str], args: argparse.Namespace) -> float:
+    """Seconds until every caller has made its calls: long callers `--fixed-calls`, short ones 5x as many."""
+    beams = [int(b) for b in args.beams.split(",")]
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
+
+    async def calls(k: int, texts: list[str], n: int) -> None:
+        for j in range(n):
+            request = pb.TranslateRequest(sentences=[texts[(31 * k + 7 * j) % len(texts)]],
+                                          options=pb.DecodingOptions(beam_size=beams[k % len(beams)]))
+            await stubs[k % len(stubs)].Translate(request, timeout=300)
+
+    started = time.monotonic()
+    await asyncio.gather(*[calls(k, long, args.fixed_calls) for k in range(args.long_callers)],
+                         *[calls(k, short, 5 * args.fixed_calls) for k in range(args.short_callers)])
+    seconds = time.monotonic() - started
+    for ch in channels:
+        await ch.close()
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", action="append", default=[], metavar='LABEL="FLAGS"', required=True)
@@ -75,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-callers", type=int, default=8)
     p.add_argument("--duration-s", type=float, default=20.0)
     p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--fixed-calls", type=int, default=12, help="phase 3: calls per long caller (5x per short one)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mixed_load")
     args = p.parse_args(argv)
@@ -88,18 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             idle = asyncio.run(phase(server.address, short, long, args, with_long=False))
             mixed = asyncio.run(phase(server.address, short, long, args, with_long=True))
+            fixed_s = asyncio.run(fixed_work(server.address, short, long, args))
         finally:
             server.stop()
         rows.append({"server": label, "idle": idle, "mixed": mixed,
-                     "p99_ratio": mixed["short_p99_ms"] / idle["short_p99_ms"]})
+                     "p99_ratio": mixed["short_p99_ms"] / idle["short_p99_ms"], "fixed_work_s": fixed_s})
         print(f"{label}: {rows[-1]}", file=sys.stderr, flush=True)
     md = ("| server | short p50 idle ms | short p99 idle ms | short p50 mixed ms | short p99 mixed ms | "
-          "p99 mixed / idle | long calls/s |\n|---|---:|---:|---:|---:|---:|---:|\n")
+          "p99 mixed / idle | long calls/s | fixed work s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
     md += "".join(f"| {r['server']} | {r['idle']['short_p50_ms']:.0f} | {r['idle']['short_p99_ms']:.0f} | "
                   f"{r['mixed']['short_p50_ms']:.0f} | {r['mixed']['short_p99_ms']:.0f} | {r['p99_ratio']:.2f}x | "
-                  f"{r['mixed']['long_calls_per_s']:.1f} |\n" for r in rows)
+                  f"{r['mixed']['long_calls_per_s']:.1f} | {r['fixed_work_s']:.2f} |\n" for r in rows)
     title = (f"{args.short_callers} short callers (captions) alone, then with {args.long_callers} long callers "
-             f"(5 captions joined), beams {args.beams} in turn; {args.duration_s:.0f} s each "
+             f"(5 captions joined), beams {args.beams} in turn; {args.duration_s:.0f} s each; fixed work: "
+             f"{args.fixed_calls} calls per long caller, {5 * args.fixed_calls} per short one "
              f"({time.strftime('%Y-%m-%d')})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(f"{title}\n\n{md}")

@@ -7,8 +7,9 @@
             job.result                                           # finished this step
 
 Sentences run in lanes, one per beam width K (the decoder's fused self-attention takes one width per
-call) and source length class (`length_class`: a lane's rows read its widest source and the slots since
-its oldest live sentence started, so captions do not pay for paragraphs). A lane is one decoder state
+call). Captions and paragraphs share a lane: a decoder call costs much the same for 4 rows as for 16,
+so more lanes of fewer rows lose more than the wider source and self-attention window cost
+(benchmarks/README.md, "Short calls while long ones run"). A lane is one decoder state
 (service/engine/runtime.py) whose rows are K per sentence, and one search over all its sentences
 (service/engine/lane_search.py: greedy or beam, token for token the reference), in which every sentence
 has its own step, length penalty, min/max lengths and n-best. A submitted sentence is encoded apart
@@ -57,15 +58,6 @@ class _Lane:
     search: LaneBeamSearch | LaneGreedySearch
 
 
-LENGTH_CLASS_TOKENS = 32  # sources of up to 31 tokens, up to 63, longer: separate lanes
-
-
-def length_class(source_tokens: int) -> int:
-    """Which lane of its beam width a source joins: 0 (< 32 tokens), 1 (< 64) or 2. A lane's rows read the
-    widest source and the oldest live sentence's slots, so long sentences get lanes of their own."""
-    return min(2, source_tokens // LENGTH_CLASS_TOKENS)
-
-
 class DecodeLoop:
     """One running decode loop over one engine. Not thread-safe: one thread submits and steps."""
 
@@ -74,7 +66,7 @@ class DecodeLoop:
         self.engine = engine
         self.observer = observer
         self.runtime = engine.runtime
-        self.lanes: dict[tuple[int, int], _Lane] = {}  # by (beam width, source length class)
+        self.lanes: dict[int, _Lane] = {}  # by beam width
         self._pending: list[tuple[list[Job], DecodingOptions]] = []
         self._watched: set[Job] = set()  # live jobs with an on_prefix
 
@@ -153,22 +145,17 @@ class DecodeLoop:
     def _admit(self) -> None:
         """Every pending sentence joins its lane: one encoder call per lane for all of them."""
         pending, self._pending = self._pending, []
-        by_lane: dict[tuple[int, int], list[tuple[list[Job], DecodingOptions]]] = {}
+        by_lane: dict[int, list[tuple[list[Job], DecodingOptions]]] = {}
         for jobs, options in pending:
-            classes: dict[int, list[Job]] = {}
-            for job in jobs:
-                classes.setdefault(length_class(len(job.source)), []).append(job)
-            for cls, members in classes.items():
-                by_lane.setdefault((options.beam_size, cls), []).append((members, options))
-        for key, groups in by_lane.items():
-            beams = key[0]
+            by_lane.setdefault(options.beam_size, []).append((jobs, options))
+        for beams, groups in by_lane.items():
             jobs = [j for group, _ in groups for j in group]
             src, _ = self.engine.pad_sources([j.source for j in jobs], groups[0][1])
-            lane = self.lanes.get(key)
+            lane = self.lanes.get(beams)
             started = time.perf_counter()
             if lane is None:
                 search = lane_search(beams, self.engine.special_ids, self.engine.vocab_size)
-                lane = self.lanes[key] = _Lane(beams, self.runtime.encode(src), search)
+                lane = self.lanes[beams] = _Lane(beams, self.runtime.encode(src), search)
             else:
                 self.runtime.admit(lane.state, src)
             if self.observer is not None:
