@@ -72,7 +72,7 @@ class ServerConfig:
     models: str = "de-en"  # comma-separated NAME or NAME/VERSION entries to load; the first is the default
     # Scheduling: "loop" (step-level: sentences join a running decode loop between two decoder steps,
     # service/server/loop_scheduler.py) or "batch" (request-level: batches of equal options run to their end)
-    scheduler: str = "batch"
+    scheduler: str = "loop"
     max_live_rows: int = 256  # "loop": decoder rows (sentences x beams) one decode loop runs at most
     # "loop": a sentence queued longer than this is admitted with DecodingOptions.overload_beam_size when its
     # request set one (counted in rosetta_beam_reduced_sentences); 0 turns reduction off

@@ -120,6 +120,7 @@ class ServerMetrics:
         self.loop_admitted.labels(name)
         self.loop_finished.labels(name)
         self.beam_reduced.labels(name)
+        self.time_to_first_word.labels(name)
         for kind in ("allocated", "reserved"):
             self.kv_cache_bytes.labels(name, kind).set(0)
         self.kv_cache_budget.labels(name).set(0)

@@ -53,6 +53,10 @@ def test_every_query_uses_the_datasource_variable_and_known_variables(dashboard:
     ("tokens per second", r"rate\(rosetta_output_tokens_total\{"),
     ("decode loop rows", r"rosetta_live_rows\{"),
     ("rows per decoder step", r"rate\(rosetta_decoder_step_rows_sum\{"),
+    ("KV-cache occupancy", r"rosetta_kv_cache_bytes\{kind=\"reserved\""),
+    ("decoder step time by rows", r"sum by \(model, rows, le\) \(rate\(rosetta_decoder_step_by_rows_seconds_bucket"),
+    ("time to first streamed word", r"rosetta_time_to_first_word_seconds_bucket"),
+    ("beam reductions", r"rate\(rosetta_beam_reduced_sentences_total\{"),
 ])
 def test_dashboard_shows(what: str, pattern: str, dashboard: dict[str, Any]) -> None:
     assert any(re.search(pattern, expr) for _, expr in dashboard_queries(dashboard)), f"no panel shows {what}"

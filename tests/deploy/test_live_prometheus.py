@@ -185,8 +185,9 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def drive_load(port: int) -> Counter[str]:
-    """Two client errors of each kind (no sentences; an unknown model), then LOAD_CLIENTS channels sending
-    Translate calls for LOAD_SECONDS (at most 200 each). Returns the gRPC status names seen, counted."""
+    """Two client errors of each kind (no sentences; an unknown model), one TranslateStream with
+    stream_prefix, then LOAD_CLIENTS channels sending Translate calls for LOAD_SECONDS (at most 200 each).
+    Returns the gRPC status names seen, counted."""
     import grpc
 
     from service.proto import translate_pb2 as pb
@@ -209,6 +210,11 @@ def drive_load(port: int) -> Counter[str]:
         for _ in range(2):
             send(stub, pb.TranslateRequest(sentences=[]))
             send(stub, pb.TranslateRequest(sentences=["Hallo"], model="no-such-model"))
+        # a stream of word-by-word prefixes (the time-to-first-word panel); counted like a Translate call
+        stream = stub.TranslateStream(pb.TranslateRequest(sentences=SENTENCES, stream_prefix=True,
+                                                          options=pb.DecodingOptions(beam_size=1)), timeout=120)
+        assert sum(msg.HasField("result") for msg in stream) == len(SENTENCES)
+        codes["OK"] += 1
 
     stop_at = time.monotonic() + LOAD_SECONDS
 
