@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -94,6 +95,7 @@ class LoopScheduler:
         self._seq = 0
         self.live_rows = [0] * workers  # per worker, after its last step (metrics, tests)
         self._kv = [(0, 0)] * workers  # per worker: (bytes its loop's K/V hold, its sentences' KV bounds)
+        self._outbox = threading.local()  # a worker's callbacks for the event loop, sent once per step
 
     # -- the Scheduler interface ----------------------------------------------------------------------
 
@@ -181,7 +183,9 @@ class LoopScheduler:
     def _work(self, worker: int) -> None:
         loop = DecodeLoop(self._engine, self._observer)
         live: dict[Job, tuple[_Item, float]] = {}  # job -> (its item, admission time)
+        self._outbox.items = []
         while True:
+            self._flush()  # what the last step resolved and streamed: one wakeup of the event loop
             with self._cond:
                 while not self._closed and not self._queue and loop.idle:
                     self._cond.wait()
@@ -219,6 +223,7 @@ class LoopScheduler:
                 self._on_idle()
         for it, _ in live.values():
             self._resolve(it, error=Unavailable("the server stopped before this sentence was finished; retry"))
+        self._flush()
         if live and self._observer is not None:
             self._observer.on_dropped(SHUTDOWN, len(live))
 
@@ -332,14 +337,26 @@ class LoopScheduler:
 
     def _prefix_hop(self, callback: Callable[[list[int]], object]) -> Callable[[list[int]], None]:
         """`callback`, called from a worker, run on the event loop."""
+        return lambda tokens: self._post(functools.partial(callback, tokens))
+
+    def _post(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the event loop: from a worker, after its current step (`_flush`), in order."""
+        box = getattr(self._outbox, "items", None)
+        if box is None:  # not a worker thread
+            self._send([fn])
+        else:
+            box.append(fn)
+
+    def _flush(self) -> None:
+        box = self._outbox.items
+        if box:
+            self._outbox.items = []
+            self._send(box)
+
+    def _send(self, fns: list[Callable[[], object]]) -> None:
         event_loop = self._event_loop
-        assert event_loop is not None
-
-        def hop(tokens: list[int]) -> None:
-            if not event_loop.is_closed():
-                event_loop.call_soon_threadsafe(callback, tokens)
-
-        return hop
+        if event_loop is not None and not event_loop.is_closed():
+            event_loop.call_soon_threadsafe(_run_all, fns)
 
     def _resolve(self, it: _Item, value: SentenceOutput | None = None, error: Exception | None = None) -> None:
         def settle() -> None:
@@ -351,15 +368,18 @@ class LoopScheduler:
                 assert value is not None
                 it.future.set_result(value)
 
-        assert self._event_loop is not None
-        if not self._event_loop.is_closed():
-            self._event_loop.call_soon_threadsafe(settle)
+        self._post(settle)
 
     def _report_queue(self) -> None:
         if self._observer is not None:
             self._observer.set_queue(len(self._queue), self.config.max_queue_sentences)
 
     def _report_queue_threadsafe(self) -> None:
-        if self._observer is not None and self._event_loop is not None and not self._event_loop.is_closed():
-            self._event_loop.call_soon_threadsafe(self._report_queue)
+        if self._observer is not None:
+            self._post(self._report_queue)
+
+
+def _run_all(fns: list[Callable[[], object]]) -> None:
+    for fn in fns:
+        fn()
 
