@@ -119,6 +119,7 @@ def test_stream_cancelled_mid_document_stops_its_work(one_worker: Any, german: l
     stream.cancel()
     wait_until(lambda: one_worker.metric("rosetta_dropped_sentences_total", model="tiny", reason="cancelled") >= 1)
     wait_until(lambda: one_worker.metric("rosetta_queue_depth_sentences", model="tiny") == 0)
+    wait_until(lambda: one_worker.metric("rosetta_live_rows", model="tiny") == 0)  # a step in flight has ended
     settled = steps(one_worker)
     time.sleep(0.3)
     assert steps(one_worker) == settled  # nothing of the stream decodes any more
