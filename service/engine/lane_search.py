@@ -135,7 +135,8 @@ class _Lane:
 
     def agreed(self, j: int) -> int:
         """How many leading tokens every hypothesis of sentence j still in the running shares: its live rows
-        and its finished hypotheses. The final best hypothesis starts with them, and the count never shrinks."""
+        and its best finished hypothesis (a finished one ranked below it can no longer be the result). The
+        final best hypothesis starts with them, and the count never shrinks."""
         raise NotImplementedError
 
     def agreed_tokens(self, j: int, n: int) -> list[int]:
@@ -240,10 +241,12 @@ class LaneBeamSearch(_Lane):
         if rows.shape[0] > 1:
             differs = np.flatnonzero((rows != rows[0]).any(axis=0))
             length = int(differs[0]) if differs.size else length
-        first = rows[0] if rows.shape[0] else self.history[j * k, :length]
-        for done in self.finished[j]:
+        if self.finished[j]:  # of the finished hypotheses only the best can still be the result (_result)
+            done = max(self.finished[j], key=lambda f: f.score)  # the first of equals, as _result's stable sort
+            if not rows.shape[0]:
+                return len(done.tokens)
             n = min(length, len(done.tokens))
-            differs = np.flatnonzero(np.asarray(done.tokens[:n]) != first[:n])
+            differs = np.flatnonzero(np.asarray(done.tokens[:n]) != rows[0, :n])
             length = int(differs[0]) if differs.size else n
         return length
 
@@ -251,7 +254,7 @@ class LaneBeamSearch(_Lane):
         live = np.flatnonzero(self.scores[j] > NEG_INF)
         if live.size:
             return self.history[j * self.k + int(live[0]), :n].tolist()
-        return list(self.finished[j][0].tokens[:n])
+        return list(max(self.finished[j], key=lambda f: f.score).tokens[:n])
 
 
 class LaneGreedySearch(_Lane):

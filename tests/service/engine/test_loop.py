@@ -149,3 +149,22 @@ def test_streamed_prefixes_grow_and_start_the_final_best_hypothesis(
             assert seen == best
         _same(job.result, engine.translate_ids([sources[i]], options)[0])  # watching changes nothing
     assert grew >= 6
+
+
+def test_the_agreed_prefix_reads_live_beams_and_only_the_best_finished_hypothesis() -> None:
+    """A finished hypothesis ranked below the best finished one can no longer be the result, so it does not
+    hold the prefix back; the best finished one and every live beam do."""
+    from service.engine.lane_search import LaneBeamSearch
+    from service.engine.search import NEG_INF, SpecialIds, _Finished
+
+    search = LaneBeamSearch(3, SpecialIds(pad=0, bos=1, eos=2), 20)
+    search.add(["s"], [10], DecodingOptions(beam_size=3))
+    search.step = np.array([4])
+    search.history = np.zeros((3, 8), dtype=np.int64)
+    search.history[:, :4] = [[5, 6, 7, 9], [5, 6, 7, 8], [4, 4, 4, 4]]
+    search.scores = np.array([[-0.5, -0.7, NEG_INF]])  # row 2 is dead: its tokens do not count
+    assert search.agreed(0) == 3 and search.agreed_tokens(0, 3) == [5, 6, 7]
+    search.finished = [[_Finished(-1.0, -1.0, [5, 6, 3], "eos"), _Finished(-9.0, -9.0, [4], "eos")]]
+    assert search.agreed(0) == 2  # the best finished one parts from the beams after two tokens
+    search.finished[0].append(_Finished(-0.1, -0.1, [5, 6, 7, 8, 3], "eos"))  # a better one: the -1.0 is out
+    assert search.agreed(0) == 3
