@@ -71,7 +71,8 @@ class ServerConfig:
     model_repository: str = "models/model_repository"  # folder of NAME/VERSION entries
     models: str = "de-en"  # comma-separated NAME or NAME/VERSION entries to load; the first is the default
     # Scheduling: "loop" (step-level: sentences join a running decode loop between two decoder steps,
-    # service/server/loop_scheduler.py) or "batch" (request-level: batches of equal options run to their end)
+    # service/server/loop_scheduler.py) or "batch" (request-level: batches of equal options run to their end;
+    # kept so that benchmarks can measure the loop against it in one run)
     scheduler: str = "loop"
     max_live_rows: int = 256  # "loop": decoder rows (sentences x beams) one decode loop runs at most
     # "loop": a sentence queued longer than this is admitted with DecodingOptions.overload_beam_size when its

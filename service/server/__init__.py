@@ -6,8 +6,9 @@ One file per stage of a request's way, outside in:
     validation.py  options, sizes and cost against the ServerConfig limits (INVALID_ARGUMENT)
     translator.py  plain Python: validate -> tokenize -> schedule -> results (no protobuf)
     models.py      the served models: one loaded entry's engine, tokenizer, scheduler and metrics
-    scheduler.py   scheduler=batch: batches sentences of equal options; stops abandoned ones between steps
-    loop_scheduler.py  scheduler=loop: decode loops that sentences join and leave between two steps
+    loop_scheduler.py  scheduler=loop (the default): decode loops that sentences join and leave between two
+                   steps, whatever their options; streamed prefixes, overload beams
+    scheduler.py   scheduler=batch (kept to measure the loop against): batches sentences of equal options
     results.py     what a call gives back, before the servicer turns it into protobuf
     app.py         lifecycle: listen (health NOT_SERVING) -> load + warm up (SERVING) -> drain
 
