@@ -13,7 +13,7 @@ from service.options import DecodingOptions
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "de-en"
-BLEU_FLOOR = 25.0  # greedy, first 100 val sentences; the model card states the full numbers
+BLEU_FLOOR = 37.0  # greedy, first 100 val sentences (40.17 for the shipped model); the model card has the full numbers
 
 
 def test_shipped_model_scores_above_a_floor_on_val(data_dir: Path) -> None:
