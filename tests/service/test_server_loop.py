@@ -178,16 +178,18 @@ def test_under_overload_sentences_that_allow_it_run_with_their_smaller_beam(
         start_server: Any, tiny_engine: Any, german: list[str]) -> None:
     # one loop of 2 beam-4 sentences: the first two start at once, the rest queue for over 100 ms
     server = start_server(scheduler="loop", workers=1, max_live_rows=8, overload_queue_wait_ms=100)
-    allowing = DecodingOptions(beam_size=4, overload_beam_size=1)
+    # at least 30 steps a sentence, so that 20 rounds of two outlast the 100 ms on any machine
+    allowing = DecodingOptions(beam_size=4, overload_beam_size=1, min_decoding_length=30, max_decoding_length=40)
     sentences = german[:40]
     reply = server.stub().Translate(request(sentences, allowing), timeout=60)
     beams = [r.beam_size for r in reply.results]
     assert set(beams) == {1, 4}  # the first ones ran at once with beam 4, the queued rest with beam 1
     assert server.metric("rosetta_beam_reduced_sentences_total", model="tiny") == beams.count(1)
     for sentence, served in zip(sentences, reply.results, strict=True):  # each exactly its beam's result
-        alone = tiny_engine.translate_batch([sentence], DecodingOptions(beam_size=served.beam_size))[0]
+        alone = tiny_engine.translate_batch([sentence], dataclasses.replace(
+            allowing, beam_size=served.beam_size, overload_beam_size=0))[0]
         assert_same(served, alone, tiny_engine.tokenizer)
-    fixed = server.stub().Translate(request(sentences, DecodingOptions(beam_size=4)), timeout=60)
+    fixed = server.stub().Translate(request(sentences, dataclasses.replace(allowing, overload_beam_size=0)), timeout=60)
     assert {r.beam_size for r in fixed.results} == {4}  # no overload_beam_size: never reduced
     assert server.metric("rosetta_beam_reduced_sentences_total", model="tiny") == beams.count(1)
 
