@@ -18,11 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-from loadgen import REPO, SpawnedServer, read_sentences  # benchmarks/loadgen.py
+from loadgen import REPO, Load, SpawnedServer, closed_loop, read_sentences  # benchmarks/loadgen.py
 
 from service.proto import translate_pb2 as pb
-from service.proto import translate_pb2_grpc as pb_grpc
 
 COUNTERS = ("rosetta_decoder_step_duration_seconds_sum", "rosetta_decoder_step_duration_seconds_count",
             "rosetta_decoder_step_rows_sum", "rosetta_encoder_duration_seconds_sum",
@@ -36,23 +34,14 @@ def scrape(port: int) -> dict[str, float]:
             for name in COUNTERS}
 
 
-async def closed_loop(address: str, captions: list[str], callers: int, beam: int, seconds: float) -> int:
-    channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
-    stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
-    until, done = time.monotonic() + seconds, [0]
-
-    async def caller(k: int) -> None:
-        i = k
-        while time.monotonic() < until:
-            request = pb.TranslateRequest(sentences=[captions[i % len(captions)]],
-                                          options=pb.DecodingOptions(beam_size=beam))
-            await stubs[k % len(stubs)].Translate(request, timeout=60)
-            done[0], i = done[0] + 1, i + callers
-
-    await asyncio.gather(*[caller(k) for k in range(callers)])
-    for ch in channels:
-        await ch.close()
-    return done[0]
+async def drive(address: str, captions: list[str], callers: int, beam: int, seconds: float) -> int:
+    """benchmarks/loadgen.py's closed loop for `seconds`; returns the calls answered OK."""
+    load = Load(address, captions, 1, pb.DecodingOptions(beam_size=beam), "", 8, 60.0)
+    try:
+        samples, _ = await closed_loop(load, callers, seconds, 0.0)
+    finally:
+        await load.close()
+    return sum(s.code == "OK" for s in samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             label, _, flags = spec.partition("=")
             server = SpawnedServer([*flags.strip('"').split(), "--metrics-port", str(args.metrics_port)])
             try:
-                asyncio.run(closed_loop(server.address, captions, args.callers, args.beam_size, 3.0))
+                asyncio.run(drive(server.address, captions, args.callers, args.beam_size, 3.0))
                 before, started = scrape(args.metrics_port), time.monotonic()
-                calls = asyncio.run(closed_loop(server.address, captions, args.callers, args.beam_size,
+                calls = asyncio.run(drive(server.address, captions, args.callers, args.beam_size,
                                                 args.duration_s))
                 seconds, after = time.monotonic() - started, scrape(args.metrics_port)
             finally:

@@ -37,8 +37,8 @@ class DecodingOptions:
         if self.max_decoding_length_ratio < 0 or self.max_decoding_length_offset < 0:
             raise ValueError("max_decoding_length_ratio and _offset must be >= 0")
         if self.overload_beam_size and not self.num_hypotheses <= self.overload_beam_size <= self.beam_size:
-            raise ValueError(f"overload_beam_size must be 0 (never reduced) or in [num_hypotheses="
-                             f"{self.num_hypotheses}, beam_size={self.beam_size}], got {self.overload_beam_size}")
+            raise ValueError(f"overload_beam_size={self.overload_beam_size} is out of range [num_hypotheses="
+                             f"{self.num_hypotheses}, beam_size={self.beam_size}]; 0 or unset: never reduced")
 
     def under_overload(self) -> DecodingOptions:
         """These options with the beam the request allows under overload (itself when it allows none)."""

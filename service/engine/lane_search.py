@@ -125,10 +125,14 @@ class _Lane:
                 keep.append(j)
             else:
                 ended.append((key, self._partial(j) if code == STOP_PARTIAL else TranslationResult([], ABANDONED)))
+        return ended, self._leave(keep)
+
+    def _leave(self, keep: list[int]) -> np.ndarray:
+        """Only the sentences at positions `keep` (increasing) stay, in `fill_holes` order; returns that order."""
         kept = fill_holes(np.asarray(keep, dtype=np.int64), self.size)
-        if ended:
+        if kept.size < self.size:
             self._keep(kept)
-        return ended, kept
+        return kept
 
     def _partial(self, j: int) -> TranslationResult:
         raise NotImplementedError
@@ -215,10 +219,7 @@ class LaneBeamSearch(_Lane):
         self.history[np.arange(n * k), np.repeat(self.step, k)] = next_tokens.reshape(-1)
         self.scores, self.step = next_scores, length
         self.tokens_in, self.origin = next_tokens.reshape(-1), origins.reshape(-1)
-        kept = fill_holes(np.asarray(keep, dtype=np.int64), n)
-        if kept.size < n:
-            self._keep(kept)
-        return ended, kept
+        return ended, self._leave(keep)
 
     def _keep(self, keep: np.ndarray) -> None:
         super()._keep(keep)
@@ -291,10 +292,7 @@ class LaneGreedySearch(_Lane):
         self.history[rows, self.step] = best
         self.step = self.step + 1
         self.tokens_in, self.origin = best.astype(np.int64), np.zeros(n, dtype=np.int64)
-        kept = fill_holes(np.asarray(keep, dtype=np.int64), n)
-        if kept.size < n:
-            self._keep(kept)
-        return ended, kept
+        return ended, self._leave(keep)
 
     def _keep(self, keep: np.ndarray) -> None:
         super()._keep(keep)

@@ -131,8 +131,7 @@ class DecoderState:
         spare = self.spare
         cross = spare.cross if spare is not None else list(self.cross)
         cache = spare.cache if spare is not None and spare.cache else list(self.cache or [])
-        arrays = cross + cache
-        return sum(_nbytes(a) for a in arrays)
+        return sum(_nbytes(a) for a in cross + cache)
 
 
 def _nbytes(value: Any) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from service.errors import FailedPrecondition, InvalidArgument, ModelNotFound, QueueFull, Unavailable
@@ -112,15 +112,13 @@ class Translator:
         tickets: list[Ticket] = []
         first = True
 
-        def on_prefix(index: int) -> Callable[[list[int]], None]:
-            return functools.partial(_put_index, events, index)
-
         try:
             while todo or in_flight:
                 room = window - in_flight
                 if todo and room > 0:
                     chunk, rest = todo[:room], todo[room:]
-                    extra = {"on_prefix": [on_prefix(i) for i in chunk]} if stream_prefix else {}
+                    extra = ({"on_prefix": [functools.partial(_put_index, events, i) for i in chunk]}
+                             if stream_prefix else {})
                     try:
                         ticket = model.scheduler.submit([sources[i] for i in chunk], decoding,  # type: ignore[misc]
                                                         deadline, kv_bytes=[kv_of[i] for i in chunk], **extra)

@@ -51,10 +51,6 @@ class RequestLimits:
             raise InvalidArgument(f"beam_size={beam} is out of range [1, max_beam_size={self.max_beam_size}]")
         if not 1 <= nbest <= beam:
             raise InvalidArgument(f"num_hypotheses={nbest} is out of range [1, beam_size={beam}]")
-        overload = merged["overload_beam_size"]
-        if overload and not nbest <= overload <= beam:
-            raise InvalidArgument(f"overload_beam_size={overload} is out of range [num_hypotheses={nbest}, "
-                                  f"beam_size={beam}]; 0 or unset: never reduced")
         max_len = merged["max_decoding_length"]
         if not 1 <= max_len <= self.max_output_tokens:
             raise InvalidArgument(f"max_decoding_length={max_len} is out of range "
