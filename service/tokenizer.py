@@ -32,6 +32,7 @@ class Tokenizer:
         if ids != [0, 1, 2, 3]:
             raise ValueError(f"tokenizer special ids must be pad/bos/eos/unk = 0/1/2/3, got {ids}")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        self._word_starts: frozenset[int] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -65,6 +66,14 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return str(self._hf.id_to_token(token_id))
 
+    def starts_word(self, token_id: int) -> bool:
+        """Whether `token_id` leaves the word before it complete: its text starts with whitespace, or it is
+        eos (the end of the text). Streaming shows a word once every hypothesis goes on with such a token."""
+        if self._word_starts is None:
+            texts = self._hf.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            self._word_starts = frozenset(i for i, t in enumerate(texts) if t[:1].isspace()) | {self.eos_id}
+        return token_id in self._word_starts
+
 
 SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-boundary mark
 
@@ -95,6 +104,8 @@ class SentencePieceTokenizer:
         self.eos_id, self.unk_id, self.pad_id = vocab[EOS], vocab[UNK], vocab[PAD]
         self.bos_id = self.pad_id
         self._special = {self.eos_id, self.unk_id, self.pad_id}
+        starts = {i for p, i in self._vocab.items() if p.startswith(SPIECE_UNDERLINE)}
+        self._word_starts = frozenset(starts | {self.eos_id})
 
     @classmethod
     def load(cls, folder: str | Path) -> SentencePieceTokenizer:
@@ -148,6 +159,10 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self._pieces.get(token_id, UNK)
+
+    def starts_word(self, token_id: int) -> bool:
+        """Whether `token_id` leaves the word before it complete: a piece that starts a word, or eos."""
+        return token_id in self._word_starts
 
 
 AnyTokenizer = Tokenizer | SentencePieceTokenizer

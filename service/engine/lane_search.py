@@ -147,6 +147,11 @@ class _Lane:
         """The first n tokens of sentence j (all its rows share them when n <= agreed(j))."""
         return self.history[j * self.k, :n].tolist()
 
+    def following(self, j: int, n: int) -> list[int] | None:
+        """The tokens that come after the first n (n <= agreed(j)) in the hypotheses of sentence j still in the
+        running, eos for one that ends there; None while a live row has not generated its (n+1)-th token."""
+        return None
+
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(input ids (R,), origin beam (R,)) of the next decoder call."""
         return self.tokens_in, self.origin
@@ -250,6 +255,16 @@ class LaneBeamSearch(_Lane):
             differs = np.flatnonzero(np.asarray(done.tokens[:n]) != rows[0, :n])
             length = int(differs[0]) if differs.size else n
         return length
+
+    def following(self, j: int, n: int) -> list[int] | None:
+        live = np.flatnonzero(self.scores[j] > NEG_INF)
+        if live.size and n >= int(self.step[j]):
+            return None
+        nxt = self.history[j * self.k + live, n].tolist()
+        if self.finished[j]:
+            done = max(self.finished[j], key=lambda f: f.score)
+            nxt.append(done.tokens[n] if n < len(done.tokens) else self.ids.eos)
+        return sorted(set(nxt)) or None
 
     def agreed_tokens(self, j: int, n: int) -> list[int]:
         live = np.flatnonzero(self.scores[j] > NEG_INF)

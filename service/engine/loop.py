@@ -38,6 +38,17 @@ from service.options import DecodingOptions, TranslationResult
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """What a streamed sentence is told after a step: the tokens on which every hypothesis still in the running
+    agrees (the final best hypothesis starts with them), and the tokens that can follow them in those
+    hypotheses (eos for one that ends there), or None while one of them has not generated its next token.
+    When every following token starts a word, the last word of `tokens` is complete."""
+
+    tokens: list[int]
+    following: tuple[int, ...] | None = None
+
+
 @dataclass(eq=False)
 class Job:
     """One sentence of a loop: its source (token ids without eos), its options and, once done, its result."""
@@ -47,8 +58,9 @@ class Job:
     result: TranslationResult | None = None
     id: int = field(default_factory=lambda: next(_ids))
     # told the tokens every hypothesis still in the running shares, each time that prefix grows (streaming)
-    on_prefix: Callable[[list[int]], object] | None = None
+    on_prefix: Callable[[Prefix], object] | None = None
     agreed: int = 0  # tokens reported to on_prefix so far
+    closed: bool = False  # whether what follows them was reported too
 
 
 @dataclass(eq=False)
@@ -81,11 +93,10 @@ class DecodeLoop:
         return sum(lane.beams * lane.search.size for lane in self.lanes.values())
 
     def submit(self, sources: Sequence[Sequence[int]], options: DecodingOptions,
-               on_prefix: Sequence[Callable[[list[int]], object] | None] | None = None) -> list[Job]:
+               on_prefix: Sequence[Callable[[Prefix], object] | None] | None = None) -> list[Job]:
         """Queue sentences (token ids without eos); they join at the next step. `on_prefix[i]`, when given, is
-        called after a step with the tokens on which every hypothesis of sentence i still in the running
-        agrees, each time they grow (the final best hypothesis starts with them). Raises ValueError for a
-        source too long or with an id outside the vocabulary."""
+        called after a step with a `Prefix` of sentence i each time it grows: more agreed tokens, or the tokens
+        that follow them known. Raises ValueError for a source too long or with an id outside the vocabulary."""
         self.engine.pad_sources(sources, options)  # checks ids
         self.engine._check_lengths(sources)
         watch = list(on_prefix) if on_prefix is not None else [None] * len(sources)
@@ -187,8 +198,9 @@ class DecodeLoop:
             if job.on_prefix is None:
                 continue
             n = search.agreed(j)
-            if n > job.agreed:
-                job.agreed = n
-                job.on_prefix(search.agreed_tokens(j, n))
+            following = search.following(j, n) if n else None
+            if n > job.agreed or (n == job.agreed and following is not None and not job.closed):
+                job.agreed, job.closed = n, following is not None
+                job.on_prefix(Prefix(search.agreed_tokens(j, n), None if following is None else tuple(following)))
 
 

@@ -16,7 +16,8 @@ sentences with their options, get one future per sentence. Each worker thread ow
 - Overload: a sentence that waited in the queue longer than `overload_queue_wait_s` is admitted with its
   request's `overload_beam_size` when it set one (fewer rows, so the queue drains sooner); counted.
 - Streaming: a sentence submitted with an `on_prefix` callback is told, on the event loop, the tokens on
-  which all its hypotheses still in the running agree, each time they grow.
+  which all its hypotheses still in the running agree and what may follow them, each time that grows
+  (service.engine.loop.Prefix).
 - Between two steps, sentences whose call was cancelled or whose deadline passed leave the loop (with
   `partial_at_deadline`, `partial_margin_s` before the deadline with their best hypotheses so far).
 - A step that raises fails the sentences of that loop (EngineFailure); the worker starts a new loop.
@@ -36,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.engine.loop import DecodeLoop, Job
+from service.engine.loop import DecodeLoop, Job, Prefix
 from service.engine.search import ABANDON, ABANDONED, STOP_PARTIAL
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions, TranslationResult
@@ -117,7 +118,7 @@ class LoopScheduler:
 
     def submit(self, sources: Sequence[list[int]], options: DecodingOptions, deadline: float | None = None,
                kv_bytes: Sequence[int] | None = None,
-               on_prefix: Sequence[Callable[[list[int]], object] | None] | None = None) -> Ticket:
+               on_prefix: Sequence[Callable[[Prefix], object] | None] | None = None) -> Ticket:
         """Queue `sources` (token ids without eos); raises QueueFull (nothing queued), Unavailable after
         close() and DeadlineExceeded when `deadline` (time.monotonic()) has passed. `on_prefix[i]` (called
         on the event loop) streams sentence i's agreed prefix (service.engine.loop.DecodeLoop.submit)."""
@@ -335,9 +336,9 @@ class LoopScheduler:
 
     # -- the event loop's side ------------------------------------------------------------------------
 
-    def _prefix_hop(self, callback: Callable[[list[int]], object]) -> Callable[[list[int]], None]:
+    def _prefix_hop(self, callback: Callable[[Prefix], object]) -> Callable[[Prefix], None]:
         """`callback`, called from a worker, run on the event loop."""
-        return lambda tokens: self._post(functools.partial(callback, tokens))
+        return lambda prefix: self._post(functools.partial(callback, prefix))
 
     def _post(self, fn: Callable[[], object]) -> None:
         """Run `fn` on the event loop: from a worker, after its current step (`_flush`), in order."""

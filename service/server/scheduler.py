@@ -38,6 +38,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from service.engine.loop import Prefix
 from service.engine.search import ABANDON, KEEP, STOP_PARTIAL, Abandoned
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
@@ -101,7 +102,7 @@ class _Item:
     future: asyncio.Future[SentenceOutput]  # type: ignore[type-arg]
     seq: int
     kv_bytes: int = 0  # the KV-cache bound of this sentence (counted against max_batch_kv_bytes)
-    on_prefix: Callable[[list[int]], object] | None = None  # step-level scheduler: streamed prefixes
+    on_prefix: Callable[[Prefix], object] | None = None  # step-level scheduler: streamed prefixes
 
     @property
     def tokens(self) -> int:

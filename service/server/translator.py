@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+from service.engine.loop import Prefix
 from service.errors import FailedPrecondition, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from service.options import DecodingOptions
 from service.server.loop_scheduler import LoopScheduler
@@ -106,7 +107,7 @@ class Translator:
         todo = [i for i, ids in enumerate(sources) if ids is not None]
         kv_of = dict(zip(todo, kv, strict=True))
         window = self.limits.max_sentences_per_request
-        events: asyncio.Queue[tuple[int, asyncio.Future[SentenceOutput] | list[int]]] = asyncio.Queue()  # type: ignore[type-arg]
+        events: asyncio.Queue[tuple[int, asyncio.Future[SentenceOutput] | Prefix]] = asyncio.Queue()  # type: ignore[type-arg]
         in_flight = 0
         shown_prefix: dict[int, str] = {}
         tickets: list[Ticket] = []
@@ -135,8 +136,10 @@ class Translator:
                         for fut, i in zip(ticket.futures, chunk, strict=True):
                             fut.add_done_callback(functools.partial(_put_index, events, i))
                 index, event = await events.get()
-                if isinstance(event, list):  # a grown agreed prefix
-                    text = whole_words(model.tokenizer.decode(event))
+                if isinstance(event, Prefix):  # a grown agreed prefix
+                    text = model.tokenizer.decode(event.tokens)
+                    if event.following is None or not all(map(model.tokenizer.starts_word, event.following)):
+                        text = whole_words(text)  # its last word may still grow
                     if len(text) > len(shown_prefix.get(index, "")):
                         shown_prefix[index] = text
                         yield index, text

@@ -59,3 +59,26 @@ def test_tokenizer_learns_from_any_corpus_and_saves_to_one_file(tmp_path: Path) 
     again = Tokenizer.load(tmp_path / "tokenizer.json")
     assert again.encode("hello welt") == t.encode("hello welt")
     assert again.decode(again.encode("Ünïcödé ✓")) == "Ünïcödé ✓"
+
+
+def test_a_word_before_a_word_starting_token_is_complete(tok: Tokenizer, data_dir: Path) -> None:
+    """What streaming relies on (service/server/translator.py): cut a val line's ids anywhere the next token
+    starts a word (or at the end) and the text of the part before is the line's text up to a word boundary;
+    cut where it does not, and the next token extends the last word."""
+    lines = read_lines(data_dir, "val", "en")[:300]
+    starts = ends = 0
+    for ids in tok.encode_batch(lines):
+        full = tok.decode(ids)
+        for n in range(1, len(ids) + 1):
+            head = tok.decode(ids[:n])
+            assert full.startswith(head)
+            after = ids[n] if n < len(ids) else tok.eos_id
+            rest = full[len(head):]
+            if tok.starts_word(after):
+                assert rest == "" or rest[:1].isspace(), (head, rest)
+                starts += 1
+            else:
+                assert rest and not rest[:1].isspace(), (head, rest)
+                ends += 1
+    assert starts > 1000 and ends > 100
+    assert tok.starts_word(tok.eos_id) and not tok.starts_word(tok.encode("dog")[0])

@@ -79,3 +79,20 @@ def test_a_folder_without_the_marian_files_is_refused_naming_them(tmp_path: Path
         (tmp_path / f"{side}.spm").write_bytes((marian_files / f"{side}.spm").read_bytes())
     with pytest.raises(ValueError, match="lacks the special tokens"):
         SentencePieceTokenizer.load(tmp_path)
+
+
+def test_a_word_before_a_word_starting_piece_is_complete(ours: SentencePieceTokenizer, data_dir: Path) -> None:
+    """Streaming's rule (service/server/translator.py) on target text: where the next piece starts a word,
+    the text so far ends at a word boundary of the whole line's text."""
+    lines = read(data_dir, "val.en.gz", 200)
+    starts = 0
+    for line in lines:
+        ids = ours.encode_target(line)
+        full = ours.decode(ids)
+        for n in range(1, len(ids) + 1):
+            head = ours.decode(ids[:n])
+            after = ids[n] if n < len(ids) else ours.eos_id
+            if ours.starts_word(after):
+                assert full.startswith(head) and full[len(head):][:1] in ("", " "), (head, full)
+                starts += 1
+    assert starts > 500 and ours.starts_word(ours.eos_id)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.engine import Engine, EngineConfig
-from service.engine.loop import DecodeLoop
+from service.engine.loop import DecodeLoop, Prefix
 from service.options import DecodingOptions
 
 
@@ -126,9 +126,11 @@ def test_dropped_sentences_leave_at_once_and_the_others_decode_as_alone(
 def test_streamed_prefixes_grow_and_start_the_final_best_hypothesis(
         engine: Engine, sources: list[list[int]], options: DecodingOptions) -> None:
     """on_prefix reports the tokens every hypothesis still in the running shares: each report extends the
-    one before and the final best hypothesis starts with all of them; greedy reports every token."""
+    one before (more tokens, or the same with what follows them newly known) and the final best hypothesis
+    starts with all of them, then goes on with one of the reported following tokens (eos: it ends there);
+    greedy reports every token."""
     loop = DecodeLoop(engine)
-    reports: dict[int, list[list[int]]] = {i: [] for i in range(6)}
+    reports: dict[int, list[Prefix]] = {i: [] for i in range(6)}
     jobs = loop.submit(sources[:3], options, on_prefix=[reports[i].append for i in range(3)])
     loop.step()
     jobs += loop.submit(sources[3:6], options, on_prefix=[reports[i].append for i in range(3, 6)])
@@ -136,19 +138,31 @@ def test_streamed_prefixes_grow_and_start_the_final_best_hypothesis(
         loop.step()
     assert not loop._watched
     grew = 0
+    closed_seen = [0]
     for i, job in enumerate(jobs):
         assert job.result is not None
         best = job.result.hypotheses[0].tokens
         seen: list[int] = []
-        for tokens in reports[i]:
-            assert len(tokens) > len(seen) and tokens[: len(seen)] == seen
+        closed = False
+        for prefix in reports[i]:
+            tokens = prefix.tokens
+            assert tokens[: len(seen)] == seen
+            assert len(tokens) > len(seen) or (tokens == seen and prefix.following is not None and not closed)
             assert best[: len(tokens)] == tokens
-            seen = tokens
+            if prefix.following is not None:
+                after = best[len(tokens)] if len(best) > len(tokens) else engine.special_ids.eos
+                assert after in prefix.following
+            seen, closed = tokens, prefix.following is not None
+            closed_seen[0] += closed
         grew += len(reports[i])
         if options.beam_size == 1:  # greedy: every token but the last step's eos was reported
             assert seen == best
         _same(job.result, engine.translate_ids([sources[i]], options)[0])  # watching changes nothing
     assert grew >= 6
+    if options.beam_size > 1:  # beams part after an agreed prefix: what follows it is known then
+        assert closed_seen[0] > 0
+    else:  # greedy: the next token is never out before it is reported itself
+        assert closed_seen[0] == 0
 
 
 def test_the_agreed_prefix_reads_live_beams_and_only_the_best_finished_hypothesis() -> None:
@@ -168,3 +182,7 @@ def test_the_agreed_prefix_reads_live_beams_and_only_the_best_finished_hypothesi
     assert search.agreed(0) == 2  # the best finished one parts from the beams after two tokens
     search.finished[0].append(_Finished(-0.1, -0.1, [5, 6, 7, 8, 3], "eos"))  # a better one: the -1.0 is out
     assert search.agreed(0) == 3
+    assert search.following(0, 3) == [8, 9]  # the live beams' 4th tokens and the best finished one's
+    search.finished[0].append(_Finished(-0.05, -0.05, [5, 6, 7], "eos"))  # ends after the agreed three
+    assert search.following(0, 3) == [2, 8, 9]  # eos stands for its end
+    assert search.following(0, 4) is None  # no live beam has a 5th token yet
