@@ -74,6 +74,10 @@ class LoopConfig:
     max_live_rows: int = 256  # decoder rows (sentences x beams) of one loop
     max_kv_bytes: int = 128 * 1024 * 1024  # sum of the live sentences' KV-cache bounds in one loop
     overload_queue_wait_s: float = 0.25  # queued longer: admitted with overload_beam_size if allowed; 0 off
+    # on_idle (the server's malloc_trim) runs when a loop goes idle only if its K/V cache reached this many
+    # bytes since the last time: after a caption there is nothing worth handing back, and the trim would
+    # cost a lone caller's next call a millisecond or two (benchmarks/README.md)
+    idle_after_kv_bytes: int = 16 * 1024 * 1024
 
 
 class LoopScheduler:
@@ -185,6 +189,7 @@ class LoopScheduler:
         loop = DecodeLoop(self._engine, self._observer)
         live: dict[Job, tuple[_Item, float]] = {}  # job -> (its item, admission time)
         self._outbox.items = []
+        kv_peak = 0  # the most bytes this loop's K/V held since on_idle last ran
         while True:
             self._flush()  # what the last step resolved and streamed: one wakeup of the event loop
             with self._cond:
@@ -220,8 +225,12 @@ class LoopScheduler:
                 self._resolve(it, SentenceOutput(self._convert(it.ids, job.result), admitted_at - it.enqueued_at,
                                                  now - admitted_at, len(live) + 1, it.options.beam_size))
             self._after_step(worker, loop, len(admitted), len(finished), live)
-            if loop.idle and self._on_idle is not None and not self._queue:
+            kv_peak = max(kv_peak, self._kv[worker][0])
+            if (loop.idle and self._on_idle is not None and not self._queue
+                    and kv_peak >= self.loop_config.idle_after_kv_bytes):
+                self._flush()  # the answers go out first
                 self._on_idle()
+                kv_peak = 0
         for it, _ in live.values():
             self._resolve(it, error=Unavailable("the server stopped before this sentence was finished; retry"))
         self._flush()

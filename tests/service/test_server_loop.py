@@ -244,3 +244,36 @@ def test_python_client_streams_prefixes_then_results(loop_server: Any, german: l
         {i: r.hypotheses[0].token_ids for i, r in plain.items()}
     assert prefixes and all(results[i].text.startswith(p) for i, p in prefixes)
     assert {r.beam_size for r in results.values()} == {1}
+
+
+def test_on_idle_runs_only_after_a_loop_whose_kv_cache_grew_past_the_threshold(
+        tiny_engine: Any, german: list[str]) -> None:
+    """The server's malloc_trim (on_idle) is worth its time only after a loop held much K/V: a caption's loop
+    going idle does not call it, a long loop's does, once."""
+    import asyncio
+
+    from service.server.loop_scheduler import LoopConfig, LoopScheduler
+    from service.server.scheduler import SchedulerConfig
+
+    idle: list[bool] = []
+
+    async def main() -> tuple[int, int]:
+        config = LoopConfig(idle_after_kv_bytes=2 * 1024 * 1024)
+        sched = LoopScheduler(tiny_engine, 1, lambda ids, result: result, SchedulerConfig(), config,
+                              on_idle=lambda: idle.append(True))
+        sched.start()
+        ticket = sched.submit([tiny_engine.tokenizer.encode(german[0])], DecodingOptions(beam_size=2))
+        await asyncio.gather(*ticket.futures)
+        await asyncio.sleep(0.1)
+        after_caption = len(idle)
+        sources = [tiny_engine.tokenizer.encode(s) for s in german[:MANY]]
+        ticket = sched.submit(sources, LONG)
+        await asyncio.gather(*ticket.futures)
+        kv = tiny_engine.kv_bytes(max(len(s) for s in sources) + 1, LONG.beam_size, 256)
+        await asyncio.sleep(0.1)
+        await sched.close()
+        return after_caption, kv
+
+    after_caption, kv = asyncio.run(asyncio.wait_for(main(), 60))
+    assert kv * MANY > 2 * 1024 * 1024  # the long loop's cache is past the threshold
+    assert after_caption == 0 and idle == [True]
