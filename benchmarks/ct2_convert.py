@@ -21,6 +21,7 @@ must equal ours for all but near-ties. Needs torch (the reference) and ctranslat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -111,6 +112,19 @@ def _ffn(spec: object, w: dict[str, np.ndarray], p: str, norm: str) -> None:
 
 def convert(checkpoint: Path, out: Path) -> Path:
     RosettaConverter(checkpoint).convert(str(out), force=True)
+    return out
+
+
+def convert_once(checkpoint: Path, out: Path) -> Path:
+    """`convert`, unless `out` already holds the conversion of these very weights (a stamp of the
+    checkpoint's files, written beside model.bin): a conversion of another checkpoint is redone."""
+    stamp = json.dumps({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                        for f in sorted(Path(checkpoint).iterdir()) if f.suffix in (".json", ".safetensors")})
+    if (out / "model.bin").exists() and (out / "rosetta-source.json").is_file() \
+            and (out / "rosetta-source.json").read_text() == stamp:
+        return out
+    convert(checkpoint, out)
+    (out / "rosetta-source.json").write_text(stamp)
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -226,11 +227,38 @@ def run_child(argv: list[str]) -> dict[str, Any]:
 def prepare_ct2(args: argparse.Namespace) -> None:
     import ct2_convert  # benchmarks/ct2_convert.py
 
-    if not (args.ct2_dir / "model.bin").exists():
-        ct2_convert.convert(Path(args.checkpoint), args.ct2_dir)
+    ct2_convert.convert_once(Path(args.checkpoint), args.ct2_dir)
     lines = source_lines(args)[:100]
     report = ct2_convert.check(Path(args.checkpoint), args.ct2_dir, lines)
     print(f"CTranslate2 conversion check: {report}", file=sys.stderr)
+
+
+# (system, baseline): the comparisons the issue's bars are about
+RATIOS = [("engine-fp32", "ct2-fp32"), ("engine-int8", "ct2-int8"), ("engine-fp32-procs", "ct2-fp32"),
+          ("engine-int8-procs", "ct2-int8"), ("engine-fp32", "pytorch"), ("engine-fp16", "ct2-fp16"),
+          ("engine-fp16", "pytorch")]
+
+
+def ratios(samples: dict[tuple[str, int], list[dict[str, Any]]], batches: list[int]) -> list[dict[str, Any]]:
+    """sentences/s of a system over its baseline's, round by round (both ran in the same round), and the median."""
+    out = []
+    for batch in batches:
+        for system, base in RATIOS:
+            mine = {r["round"]: r["sentences_per_s"] for r in samples.get((system, batch), [])}
+            theirs = {r["round"]: r["sentences_per_s"] for r in samples.get((base, batch), [])}
+            per_round = [mine[k] / theirs[k] for k in sorted(mine) if k in theirs]
+            if per_round:
+                out.append({"system": system, "baseline": base, "batch": batch,
+                            "rounds": [round(x, 3) for x in per_round], "median": statistics.median(per_round)})
+    return out
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    head = "\n| system / baseline | batch | per round | median |\n|---|---:|---|---:|\n"
+    return head + "".join(f"| {r['system']} / {r['baseline']} | {r['batch']} | "
+                          f"{', '.join(f'{x:.2f}' for x in r['rounds'])} | {r['median']:.2f}x |\n" for r in rows)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -286,9 +314,11 @@ def parent(args: argparse.Namespace) -> int:
     common = ["--data-dir", str(args.data_dir), "--sentences", str(args.sentences), "--checkpoint", args.checkpoint,
               "--fp32", args.fp32, "--int8", args.int8, "--fp16", args.fp16, "--ct2-dir", str(args.ct2_dir),
               "--device", args.device, "--source", args.source, "--fixed-length", str(args.fixed_length)]
-    # Rounds: every (system, batch) once per round, so slow drifts of the machine hit all alike;
-    # each cell reports the median round (by sentences/s).
-    runs = [(r, s, b) for r in range(args.repeat) for b in batches for s in systems]
+    # Rounds: every (system, batch) once per round, so slow drifts of the machine hit all alike, each round
+    # starting one system later (a drift within a round does not always favour the same systems); each cell
+    # reports the median round (by sentences/s), each ratio the median of its per-round ratios.
+    runs = [(r, s, b) for r in range(args.repeat) for b in batches
+            for s in systems[r % len(systems):] + systems[: r % len(systems)]]
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
     outputs: dict[tuple[str, int], list[str]] = {}
     for n, (rnd, system, batch) in enumerate(runs, 1):
@@ -299,7 +329,7 @@ def parent(args: argparse.Namespace) -> int:
         outputs[(system, batch)] = res["texts"]
         seconds = res["decode_seconds"]  # the translation loop only: no loading, no warm-up
         samples.setdefault((system, batch), []).append({
-            "system": system, "batch": batch, "seconds": seconds, "torch_imported": res["torch_imported"],
+            "system": system, "batch": batch, "round": rnd, "seconds": seconds, "torch_imported": res["torch_imported"],
             "sentences_per_s": len(res["texts"]) / seconds, "tokens_per_s": sum(res["lengths"]) / seconds,
             "peak_rss_mb": res["peak_rss_mb"], "cpu_ms_per_sentence": 1000 * res["cpu_seconds"] / len(res["texts"]),
             "bleu": float("nan") if refs is None else sacrebleu.corpus_bleu(res["texts"], [refs]).score})
@@ -315,14 +345,16 @@ def parent(args: argparse.Namespace) -> int:
         r["same_as_engine_fp32"] = "-" if base is None else \
             f"{100 * sum(a == b for a, b in zip(mine, base, strict=True)) / len(base):.1f}%"
     args.out.mkdir(parents=True, exist_ok=True)
-    md = table(rows)
+    ratio_rows = ratios(samples, batches)
+    md = table(rows) + ratio_table(ratio_rows)
     where = f"{cores()} CPU cores" if args.device == "cpu" else "GPU"
     data = f"{Path(args.source).name}" if args.source else "test_2016_flickr DE->EN"
     fixed = f", every output {args.fixed_length} tokens" if args.fixed_length else ""
     title = f"{data}, {args.sentences} sentences, beam {BEAM}{fixed}, {where} ({time.strftime('%Y-%m-%d')})"
     stem = "engine_benchmark" if args.device == "cpu" else "engine_benchmark_gpu"
     (args.out / f"{stem}.md").write_text(f"{title}\n\n{md}")
-    (args.out / f"{stem}.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"title": title, "rows": rows, "ratios": ratio_rows},
+                                                      indent=2) + "\n")
     plot(rows, args.out / f"{stem}.png", title)
     print(f"\n{title}\n\n{md}")
     return 0
