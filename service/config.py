@@ -78,6 +78,10 @@ class ServerConfig:
     # "loop": a sentence queued longer than this is admitted with DecodingOptions.overload_beam_size when its
     # request set one (counted in rosetta_beam_reduced_sentences); 0 turns reduction off
     overload_queue_wait_ms: float = 250.0
+    # "loop", 2+ workers: while sentences of fewer source tokens than this and sentences of at least this many
+    # both arrive, worker 0's loop decodes only the short ones and loops holding a long one take no short one
+    # (a caption's latency beside paragraphs stays near its idle latency; benchmarks/README.md); 0: off
+    long_source_tokens: int = 0
     # Batching scheduler ("batch"; max_queue_sentences and max_batch_kv_bytes bound "loop" too)
     max_batch_sentences: int = 64  # sentences per engine batch
     max_batch_tokens: int = 4096  # padded source tokens per engine batch (sentences * longest)
@@ -128,6 +132,8 @@ class ServerConfig:
         for name in ("max_wait_ms", "drain_grace_s", "drain_delay_s", "partial_margin_ms", "overload_queue_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.long_source_tokens < 0:
+            raise ValueError(f"long_source_tokens must be >= 0, got {self.long_source_tokens}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.workers < 0:
             raise ValueError("intra_op_threads, inter_op_threads and workers must be >= 0")
         if self.max_sentences_per_request > self.max_queue_sentences:

@@ -13,6 +13,9 @@ sentences with their options, get one future per sentence. Each worker thread ow
   long sentence is never passed over for short ones (no starvation). Options do not group anything:
   every sentence joins whichever loop is free, with its own beam, lengths and penalty.
 - A lone caller waits for nothing: an idle worker admits a sentence as soon as it is queued.
+- Short apart from long (opt-in, `LoopConfig.long_source_tokens`): while both kinds arrive, worker 0's loop
+  takes only short sentences and a loop holding a long one takes no short one, so a caption does not share
+  its steps (and their cost) with paragraphs; a sentence passed over for `split_wait_s` goes to any loop.
 - Overload: a sentence that waited in the queue longer than `overload_queue_wait_s` is admitted with its
   request's `overload_beam_size` when it set one (fewer rows, so the queue drains sooner); counted.
 - Streaming: a sentence submitted with an `on_prefix` callback is told, on the event loop, the tokens on
@@ -31,6 +34,7 @@ import collections
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +82,14 @@ class LoopConfig:
     # bytes since the last time: after a caption there is nothing worth handing back, and the trim would
     # cost a lone caller's next call a millisecond or two (benchmarks/README.md)
     idle_after_kv_bytes: int = 16 * 1024 * 1024
+    # Short sentences apart from long ones (0: off). While both a sentence of fewer source tokens than this
+    # and one of at least this many were queued in the last `split_window_s`, and there are 2+ workers,
+    # worker 0's loop takes only short sentences, and a loop that holds a long one takes no short one: a
+    # caption then never shares its steps with a paragraph. A sentence left for the other kind of loop for
+    # `split_wait_s` is taken by any loop (nothing starves; a burst of one kind still uses every core).
+    long_source_tokens: int = 0
+    split_window_s: float = 1.0
+    split_wait_s: float = 0.05
 
 
 class LoopScheduler:
@@ -101,6 +113,7 @@ class LoopScheduler:
         self.live_rows = [0] * workers  # per worker, after its last step (metrics, tests)
         self._kv = [(0, 0)] * workers  # per worker: (bytes its loop's K/V hold, its sentences' KV bounds)
         self._outbox = threading.local()  # a worker's callbacks for the event loop, sent once per step
+        self._last_queued = {False: -math.inf, True: -math.inf}  # by "is long": when one was last queued
 
     # -- the Scheduler interface ----------------------------------------------------------------------
 
@@ -140,6 +153,8 @@ class LoopScheduler:
                 raise QueueFull(f"queue full: {len(self._queue)} sentences queued, the request adds {len(sources)}, "
                                 f"max_queue_sentences={cap}; retry later")
             for ids, cost, callback in zip(sources, costs, watch, strict=True):
+                if self.loop_config.long_source_tokens:
+                    self._last_queued[self._is_long(ids)] = now
                 fut: asyncio.Future[SentenceOutput] = self._event_loop.create_future()  # type: ignore[type-arg]
                 ticket.futures.append(fut)
                 self._seq += 1
@@ -198,6 +213,9 @@ class LoopScheduler:
                 if self._closed:
                     break
                 admitted, reduced = self._take(worker, loop, live)
+                if not admitted and loop.idle:  # all that is queued is left for the other kind of loop
+                    self._cond.wait(self.loop_config.split_wait_s)
+                    continue
             if admitted:
                 self._report_queue_threadsafe()
             if reduced and self._observer is not None:
@@ -252,22 +270,38 @@ class LoopScheduler:
         """The oldest queued sentences that fit this loop (caller holds the lock), and how many of them were
         given their request's smaller overload beam. With several workers a loop takes only its share of the
         work (live rows of every loop plus the queue's, split evenly), so that a burst spreads over the
-        cores instead of filling the first loop."""
+        cores instead of filling the first loop. While short and long sentences are split (LoopConfig
+        .long_source_tokens), a sentence of the kind this loop does not take is passed over until it has
+        waited split_wait_s; then the share does not apply (the loops' roles differ)."""
         rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
         cfg = self.loop_config
-        others = sum(self.live_rows) - self.live_rows[worker]
-        ahead = itertools.islice(self._queue, cfg.max_live_rows * self._workers)  # enough to fill every loop
-        share = (others + rows + sum(it.options.beam_size for it in ahead)) / self._workers
+        now = time.monotonic()
+        split = self._split(now)
+        skip: bool | None = None  # the kind ("is long") this loop passes over, if any
+        if split:
+            if worker == 0:
+                skip = True
+            elif any(self._is_long(it.ids) for it, _ in live.values()):
+                skip = False
+        if split:
+            share = float(cfg.max_live_rows)
+        else:
+            others = sum(self.live_rows) - self.live_rows[worker]
+            ahead = itertools.islice(self._queue, cfg.max_live_rows * self._workers)  # enough to fill every loop
+            share = (others + rows + sum(it.options.beam_size for it in ahead)) / self._workers
         taken: list[_Item] = []
         reduced = 0
-        now = time.monotonic()
         overload = cfg.overload_queue_wait_s
-        while self._queue:
-            it = self._queue[0]
+        i, scanned = 0, 0
+        while i < len(self._queue) and scanned < cfg.max_live_rows * self._workers:
+            it = self._queue[i]
             if it.future.done():  # its call was cancelled while queued (Ticket.cancel had not run yet)
-                self._queue.popleft()
+                del self._queue[i]
                 if self._observer is not None:
                     self._observer.on_dropped(_drop_reason(it.ticket, time.monotonic()))
+                continue
+            if skip is not None and self._is_long(it.ids) == skip and now - it.enqueued_at < cfg.split_wait_s:
+                i, scanned = i + 1, scanned + 1  # left for a loop of its kind
                 continue
             options = it.options
             if overload > 0 and now - it.enqueued_at > overload:
@@ -276,13 +310,22 @@ class LoopScheduler:
             if (rows or taken) and (rows + grow > min(cfg.max_live_rows, max(share, grow))
                                     or kv + it.kv_bytes > cfg.max_kv_bytes):
                 break
-            self._queue.popleft()
+            del self._queue[i]
             if options is not it.options:
                 it.options = options
                 reduced += 1
             taken.append(it)
             rows, kv = rows + grow, kv + it.kv_bytes
         return taken, reduced
+
+    def _is_long(self, ids: Sequence[int]) -> bool:
+        return len(ids) >= self.loop_config.long_source_tokens
+
+    def _split(self, now: float) -> bool:
+        """Whether short and long sentences go to loops of their own kind now (LoopConfig.long_source_tokens)."""
+        window = self.loop_config.split_window_s
+        return bool(self.loop_config.long_source_tokens) and self._workers >= 2 and all(
+            now - seen <= window for seen in self._last_queued.values())
 
     def _admit(self, loop: DecodeLoop, live: dict[Job, tuple[_Item, float]], items: list[_Item]) -> None:
         now = time.monotonic()

@@ -109,7 +109,8 @@ def load_model(entry: Path, config: ServerConfig, metrics: ServerMetrics) -> Ser
     if config.scheduler == "loop":
         scheduler = LoopScheduler(engine, workers, make_converter(engine, model_metrics), scheduler_config,
                                   LoopConfig(config.max_live_rows, config.max_batch_kv_bytes,
-                                             config.overload_queue_wait_ms / 1000), model_metrics,
+                                             config.overload_queue_wait_ms / 1000,
+                                             long_source_tokens=config.long_source_tokens), model_metrics,
                                   engine.name, on_idle)
     else:
         runners = [make_runner(engine, model_metrics) for _ in range(workers)]

@@ -277,3 +277,97 @@ def test_on_idle_runs_only_after_a_loop_whose_kv_cache_grew_past_the_threshold(
     after_caption, kv = asyncio.run(asyncio.wait_for(main(), 60))
     assert kv * MANY > 2 * 1024 * 1024  # the long loop's cache is past the threshold
     assert after_caption == 0 and idle == [True]
+
+
+# -- short sentences apart from long ones (ServerConfig.long_source_tokens) ----------------------------------
+
+
+def _split_scheduler(tiny_engine: Any, **loop: Any) -> Any:
+    """A two-worker LoopScheduler bound to the running event loop, its workers not started: the test calls
+    `_take` for a worker itself and sees which queued sentences that worker's loop would admit."""
+    import asyncio
+
+    from service.server.loop_scheduler import LoopConfig, LoopScheduler
+    from service.server.scheduler import SchedulerConfig
+
+    sched = LoopScheduler(tiny_engine, 2, lambda ids, result: result, SchedulerConfig(),
+                          LoopConfig(long_source_tokens=6, **loop))
+    sched._event_loop = asyncio.get_running_loop()
+    return sched
+
+
+SHORT, LONG_IDS = [5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_split_keeps_short_sentences_out_of_loops_with_long_ones(tiny_engine: Any) -> None:
+    """While both kinds arrive, worker 0 admits only short sentences, and a loop that holds a long sentence
+    admits only long ones; the queue order within a kind is kept."""
+    import asyncio
+
+    from service.engine.loop import DecodeLoop
+
+    async def main() -> None:
+        sched = _split_scheduler(tiny_engine, split_wait_s=30.0)
+        greedy = DecodingOptions(beam_size=1)
+        sched.submit([SHORT, LONG_IDS, SHORT + [13], LONG_IDS + [13]], greedy)
+        taken, _ = sched._take(0, DecodeLoop(tiny_engine), {})
+        assert [it.ids for it in taken] == [SHORT, SHORT + [13]]  # worker 0: the short ones, in order
+        sched.submit([SHORT + [14]], greedy)
+        busy = DecodeLoop(tiny_engine)
+        held = busy.submit([LONG_IDS], greedy)[0]
+        live = {held: (sched._queue[0], 0.0)}  # worker 1 decodes a long sentence (the first long item)
+        taken, _ = sched._take(1, busy, live)
+        assert [it.ids for it in taken] == [LONG_IDS, LONG_IDS + [13]]  # not the short one queued after
+        assert [it.ids for it in sched._queue] == [SHORT + [14]]
+        for fut in sched._queue[0].ticket.futures:
+            fut.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_split_passes_a_sentence_over_only_for_split_wait_s_and_only_while_both_kinds_arrive(
+        tiny_engine: Any) -> None:
+    import asyncio
+
+    from service.engine.loop import DecodeLoop
+
+    async def main() -> None:
+        greedy = DecodingOptions(beam_size=1)
+        sched = _split_scheduler(tiny_engine, split_wait_s=30.0)
+        sched.submit([LONG_IDS], greedy)  # only long sentences so far: no split, worker 0 takes it
+        assert [it.ids for it in sched._take(0, DecodeLoop(tiny_engine), {})[0]] == [LONG_IDS]
+        sched.submit([SHORT, LONG_IDS], greedy)  # both kinds now
+        assert [it.ids for it in sched._take(0, DecodeLoop(tiny_engine), {})[0]] == [SHORT]
+        sched._queue[0].enqueued_at -= 31.0  # the long one has waited split_wait_s: any loop takes it
+        assert [it.ids for it in sched._take(0, DecodeLoop(tiny_engine), {})[0]] == [LONG_IDS]
+        off = _split_scheduler(tiny_engine, split_wait_s=30.0)
+        off.loop_config = dataclasses.replace(off.loop_config, long_source_tokens=0)
+        off.submit([LONG_IDS, SHORT], greedy)  # split off: the oldest first, worker 0 its half of the rows
+        assert [it.ids for it in off._take(0, DecodeLoop(tiny_engine), {})[0]] == [LONG_IDS]
+        for sched_ in (sched, off):
+            for it in sched_._queue:
+                it.future.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_split_server_answers_mixed_lengths_and_options_as_each_alone(
+        start_server: Any, tiny_engine: Any, german: list[str]) -> None:
+    """With long_source_tokens on, concurrent captions and paragraphs (five captions joined) of mixed options
+    are all answered, each as it decodes alone."""
+    server = start_server(scheduler="loop", workers=2, long_source_tokens=40)
+    paragraphs = [" ".join(german[i:i + 5]) for i in range(0, 40, 5)]
+    assert all(len(tiny_engine.tokenizer.encode(p)) >= 40 for p in paragraphs)
+    calls = [([paragraphs[i % 8]] if i % 3 == 0 else german[i:i + 2], MIXED[i % len(MIXED)]) for i in range(36)]
+    stubs = [server.stub() for _ in range(8)]
+
+    def send(i: int) -> Any:
+        sentences, options = calls[i]
+        return stubs[i % len(stubs)].Translate(request(sentences, options), timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(send, range(len(calls))))
+    for (sentences, options), reply in zip(calls, replies, strict=True):
+        for served, exp in zip(reply.results, tiny_engine.translate_batch(sentences, options), strict=True):
+            assert_same(served, exp, tiny_engine.tokenizer)
+    wait_until(lambda: server.metric("rosetta_live_rows", model="tiny") == 0)
