@@ -26,15 +26,10 @@ LONG = DecodingOptions(beam_size=4, min_decoding_length=254, max_decoding_length
 MANY = 16
 
 
-@pytest.fixture()
-def loop_server(start_server: Any) -> Any:
-    return start_server(scheduler="loop", workers=2)
-
-
-def test_concurrent_calls_with_mixed_options_share_steps_and_match_each_alone(
-        loop_server: Any, tiny_engine: Any, german: list[str]) -> None:
-    calls = [(german[i:i + 1 + i % 3], MIXED[i % len(MIXED)]) for i in range(40)]
-    stubs = [loop_server.stub() for _ in range(8)]
+def send_all_and_match_each_alone(server: Any, engine: Any, calls: list[tuple[list[str], DecodingOptions]]) -> None:
+    """Send every (sentences, options) call at once from 16 threads over 8 channels; each reply must equal what
+    the engine gives for that call alone."""
+    stubs = [server.stub() for _ in range(8)]
 
     def send(i: int) -> Any:
         sentences, options = calls[i]
@@ -43,9 +38,19 @@ def test_concurrent_calls_with_mixed_options_share_steps_and_match_each_alone(
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(send, range(len(calls))))
     for (sentences, options), reply in zip(calls, replies, strict=True):
-        expected = tiny_engine.translate_batch(sentences, options)
-        for served, exp in zip(reply.results, expected, strict=True):
-            assert_same(served, exp, tiny_engine.tokenizer)
+        for served, exp in zip(reply.results, engine.translate_batch(sentences, options), strict=True):
+            assert_same(served, exp, engine.tokenizer)
+
+
+@pytest.fixture()
+def loop_server(start_server: Any) -> Any:
+    return start_server(scheduler="loop", workers=2)
+
+
+def test_concurrent_calls_with_mixed_options_share_steps_and_match_each_alone(
+        loop_server: Any, tiny_engine: Any, german: list[str]) -> None:
+    calls = [(german[i:i + 1 + i % 3], MIXED[i % len(MIXED)]) for i in range(40)]
+    send_all_and_match_each_alone(loop_server, tiny_engine, calls)
     steps = loop_server.metric("rosetta_decoder_step_rows_count", model="tiny")
     rows = loop_server.metric("rosetta_decoder_step_rows_sum", model="tiny")
     assert rows / steps > 4  # sentences of different calls and options shared decoder steps
@@ -359,15 +364,5 @@ def test_a_split_server_answers_mixed_lengths_and_options_as_each_alone(
     paragraphs = [" ".join(german[i:i + 5]) for i in range(0, 40, 5)]
     assert all(len(tiny_engine.tokenizer.encode(p)) >= 40 for p in paragraphs)
     calls = [([paragraphs[i % 8]] if i % 3 == 0 else german[i:i + 2], MIXED[i % len(MIXED)]) for i in range(36)]
-    stubs = [server.stub() for _ in range(8)]
-
-    def send(i: int) -> Any:
-        sentences, options = calls[i]
-        return stubs[i % len(stubs)].Translate(request(sentences, options), timeout=60)
-
-    with ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(send, range(len(calls))))
-    for (sentences, options), reply in zip(calls, replies, strict=True):
-        for served, exp in zip(reply.results, tiny_engine.translate_batch(sentences, options), strict=True):
-            assert_same(served, exp, tiny_engine.tokenizer)
+    send_all_and_match_each_alone(server, tiny_engine, calls)
     wait_until(lambda: server.metric("rosetta_live_rows", model="tiny") == 0)
