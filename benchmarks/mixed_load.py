@@ -6,7 +6,8 @@ For each server (`rosetta serve FLAGS`, started and stopped in turn, as benchmar
 1. idle: `--short-callers` closed-loop callers send one short sentence each (a test_2016_flickr caption),
    half of them with beam 1 and half with beam 4, for `--duration-s`;
 2. mixed: the same, while `--long-callers` more callers send long sentences (5 captions joined, ~5x
-   longer), half beam 1 and half beam 4;
+   longer), half beam 1 and half beam 4; phases 1 and 2 alternate in `--segments` pairs (duration split
+   among them), so that the machine's drifts touch both alike;
 3. fixed work: every caller of phase 2 makes a set number of calls (`--fixed-calls` long ones each, 5x
    as many short ones each) and the time until all are answered is measured. In phases 1-2 a server
    that answers one kind sooner gets more calls of that kind (closed loops), so only this phase
@@ -47,11 +48,12 @@ async def caller(stub: pb_grpc.TranslatorStub, texts: list[str], beam: int, unti
 
 
 async def phase(address: str, short: list[str], long: list[str], args: argparse.Namespace,
-                with_long: bool) -> dict[str, float]:
+                with_long: bool, duration_s: float) -> tuple[list[float], int, float]:
+    """(the short calls' latencies after the warm-up, long calls done, seconds the phase ran)."""
     beams = [int(b) for b in args.beams.split(",")]
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
-    until = time.monotonic() + args.warmup_s + args.duration_s
+    until = time.monotonic() + args.warmup_s + duration_s
     measured: list[float] = []
     warm_until = time.monotonic() + args.warmup_s
 
@@ -66,10 +68,27 @@ async def phase(address: str, short: list[str], long: list[str], args: argparse.
     results = await asyncio.gather(*tasks, *long_calls)
     for ch in channels:
         await ch.close()
-    measured.sort()
     done_long = sum(int(r) for r in results[len(tasks):]) if with_long else 0
-    return {"short_p50_ms": 1000 * percentile(measured, 0.5), "short_p99_ms": 1000 * percentile(measured, 0.99),
-            "short_calls": len(measured), "long_calls_per_s": done_long / (args.warmup_s + args.duration_s)}
+    return measured, done_long, args.warmup_s + duration_s
+
+
+def phases(address: str, short: list[str], long: list[str], args: argparse.Namespace) -> tuple[dict[str, float], ...]:
+    """Idle and mixed, in `--segments` alternating pairs of duration_s / segments each (the machine's drifts
+    then hit both phases alike); the stats of each phase over all its segments."""
+    runs: dict[bool, tuple[list[float], int, float]] = {False: ([], 0, 0.0), True: ([], 0, 0.0)}
+    for _ in range(args.segments):
+        for with_long in (False, True):
+            lat, done, seconds = asyncio.run(phase(address, short, long, args, with_long,
+                                                   args.duration_s / args.segments))
+            old = runs[with_long]
+            runs[with_long] = (old[0] + lat, old[1] + done, old[2] + seconds)
+    out = []
+    for with_long in (False, True):
+        measured, done_long, seconds = runs[with_long]
+        measured.sort()
+        out.append({"short_p50_ms": 1000 * percentile(measured, 0.5), "short_p99_ms": 1000 * percentile(measured, 0.99),
+                    "short_calls": len(measured), "long_calls_per_s": done_long / seconds})
+    return tuple(out)
 
 
 async def fixed_work(address: str, short: list[str], long: list[str], args: argparse.Namespace) -> float:
@@ -100,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-callers", type=int, default=4)
     p.add_argument("--long-callers", type=int, default=8)
     p.add_argument("--duration-s", type=float, default=20.0)
-    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each segment")
+    p.add_argument("--segments", type=int, default=3, help="idle and mixed phases alternate this many times")
     p.add_argument("--fixed-calls", type=int, default=12, help="phase 3: calls per long caller (5x per short one)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mixed_load")
@@ -113,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         label, _, flags = spec.partition("=")
         server = SpawnedServer(flags.strip('"').split())
         try:
-            idle = asyncio.run(phase(server.address, short, long, args, with_long=False))
-            mixed = asyncio.run(phase(server.address, short, long, args, with_long=True))
+            idle, mixed = phases(server.address, short, long, args)
             fixed_s = asyncio.run(fixed_work(server.address, short, long, args))
         finally:
             server.stop()
@@ -127,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['mixed']['short_p50_ms']:.0f} | {r['mixed']['short_p99_ms']:.0f} | {r['p99_ratio']:.2f}x | "
                   f"{r['mixed']['long_calls_per_s']:.1f} | {r['fixed_work_s']:.2f} |\n" for r in rows)
     title = (f"{args.short_callers} short callers (captions) alone, then with {args.long_callers} long callers "
-             f"(5 captions joined), beams {args.beams} in turn; {args.duration_s:.0f} s each; fixed work: "
+             f"(5 captions joined), beams {args.beams} in turn; {args.duration_s:.0f} s each in {args.segments} "
+             f"alternating segments; fixed work: "
              f"{args.fixed_calls} calls per long caller, {5 * args.fixed_calls} per short one "
              f"({time.strftime('%Y-%m-%d')})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
