@@ -10,7 +10,8 @@ sentences with their options, get one future per sentence. Each worker thread ow
 - Admission, between two steps: oldest first, while the loop's live rows stay within `max_live_rows`
   and the sum of its sentences' KV-cache bounds (`submit`'s `kv_bytes`) within `max_kv_bytes`; a loop
   with nothing live takes the oldest sentence whatever its size. The queue is never reordered, so a
-  long sentence is never passed over for short ones (no starvation). Options do not group anything:
+  long sentence is never passed over for short ones (no starvation; the opt-in split below passes one
+  over for at most `split_wait_s`). Options do not group anything:
   every sentence joins whichever loop is free, with its own beam, lengths and penalty.
 - A lone caller waits for nothing: an idle worker admits a sentence as soon as it is queued.
 - Short apart from long (opt-in, `LoopConfig.long_source_tokens`): while both kinds arrive, worker 0's loop

@@ -34,14 +34,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from service.engine.loop import Prefix
 from service.engine.search import ABANDON, KEEP, STOP_PARTIAL, Abandoned
 from service.errors import DeadlineExceeded, EngineFailure, QueueFull, Unavailable
 from service.options import DecodingOptions
+
+if TYPE_CHECKING:  # the decode loop's module loads onnxruntime; the batch scheduler does not need it
+    from service.engine.loop import Prefix
 
 log = logging.getLogger(__name__)
 
