@@ -240,15 +240,23 @@ class LaneBeamSearch(_Lane):
             for r, sc in enumerate(self.scores[j].tolist()) if sc > NEG_INF]
         return TranslationResult(_result(found, options).hypotheses, DEADLINE)
 
+    def _live_rows(self, j: int) -> np.ndarray:
+        """Rows (into history) of sentence j's live beams."""
+        return j * self.k + np.flatnonzero(self.scores[j] > NEG_INF)
+
+    def _best_finished(self, j: int) -> _Finished | None:
+        """Of sentence j's finished hypotheses the only one that can still be the result (_result): the best,
+        the first of equals as _result's stable sort."""
+        return max(self.finished[j], key=lambda f: f.score) if self.finished[j] else None
+
     def agreed(self, j: int) -> int:
-        k, length = self.k, int(self.step[j])
-        live = np.flatnonzero(self.scores[j] > NEG_INF)
-        rows = self.history[j * k + live, :length]
+        length = int(self.step[j])
+        rows = self.history[self._live_rows(j), :length]
         if rows.shape[0] > 1:
             differs = np.flatnonzero((rows != rows[0]).any(axis=0))
             length = int(differs[0]) if differs.size else length
-        if self.finished[j]:  # of the finished hypotheses only the best can still be the result (_result)
-            done = max(self.finished[j], key=lambda f: f.score)  # the first of equals, as _result's stable sort
+        done = self._best_finished(j)
+        if done is not None:
             if not rows.shape[0]:
                 return len(done.tokens)
             n = min(length, len(done.tokens))
@@ -257,20 +265,22 @@ class LaneBeamSearch(_Lane):
         return length
 
     def following(self, j: int, n: int) -> list[int] | None:
-        live = np.flatnonzero(self.scores[j] > NEG_INF)
+        live = self._live_rows(j)
         if live.size and n >= int(self.step[j]):
             return None
-        nxt = self.history[j * self.k + live, n].tolist()
-        if self.finished[j]:
-            done = max(self.finished[j], key=lambda f: f.score)
+        nxt = self.history[live, n].tolist()
+        done = self._best_finished(j)
+        if done is not None:
             nxt.append(done.tokens[n] if n < len(done.tokens) else self.ids.eos)
         return sorted(set(nxt)) or None
 
     def agreed_tokens(self, j: int, n: int) -> list[int]:
-        live = np.flatnonzero(self.scores[j] > NEG_INF)
+        live = self._live_rows(j)
         if live.size:
-            return self.history[j * self.k + int(live[0]), :n].tolist()
-        return list(max(self.finished[j], key=lambda f: f.score).tokens[:n])
+            return self.history[int(live[0]), :n].tolist()
+        done = self._best_finished(j)
+        assert done is not None  # a sentence still in its lane has a live beam or a finished hypothesis
+        return list(done.tokens[:n])
 
 
 class LaneGreedySearch(_Lane):

@@ -198,8 +198,10 @@ class DecodeLoop:
             if job.on_prefix is None:
                 continue
             n = search.agreed(j)
+            if n < job.agreed or (n == job.agreed and job.closed):
+                continue  # nothing new: what follows these tokens was reported already
             following = search.following(j, n) if n else None
-            if n > job.agreed or (n == job.agreed and following is not None and not job.closed):
+            if n > job.agreed or following is not None:
                 job.agreed, job.closed = n, following is not None
                 job.on_prefix(Prefix(search.agreed_tokens(j, n), None if following is None else tuple(following)))
 

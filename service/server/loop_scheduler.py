@@ -277,14 +277,12 @@ class LoopScheduler:
         rows, kv = loop.live_rows, sum(it.kv_bytes for it, _ in live.values())
         cfg = self.loop_config
         now = time.monotonic()
-        split = self._split(now)
         skip: bool | None = None  # the kind ("is long") this loop passes over, if any
-        if split:
+        if self._split(now):
             if worker == 0:
                 skip = True
             elif any(self._is_long(it.ids) for it, _ in live.values()):
                 skip = False
-        if split:
             share = float(cfg.max_live_rows)
         else:
             others = sum(self.live_rows) - self.live_rows[worker]
