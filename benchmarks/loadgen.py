@@ -42,6 +42,7 @@ from pathlib import Path
 import grpc
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_SOURCES = REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz"  # the default sentences
 sys.path.insert(0, str(REPO))
 
 from service.proto import translate_pb2 as pb  # noqa: E402
@@ -262,6 +263,12 @@ def plot(results: list[RunResult], path: Path) -> bool:
     return True
 
 
+def serve_spec(spec: str) -> tuple[str, list[str]]:
+    """A `--serve LABEL="FLAGS"` value: (label, the `rosetta serve` flags)."""
+    label, _, flags = spec.partition("=")
+    return label, shlex.split(flags)
+
+
 class SpawnedServer:
     """`rosetta serve --port 0 <flags>`; the address is read from its announcement line."""
 
@@ -326,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="served model name (default: the server's default)")
     p.add_argument("--channels", type=int, default=8)
     p.add_argument("--timeout-s", type=float, default=60.0)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" /
-                   "test_2016_flickr.de.gz", help="German sentences, one per line")
+    p.add_argument("--data", type=Path, default=TEST_SOURCES, help="German sentences, one per line")
     p.add_argument("--limit", type=int, default=1000, help="use the first N sentences")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", default="", help="label the gain table compares against (default: the last)")
@@ -342,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         results += asyncio.run(run_suite(args.label, args.target, args, sentences))
     for spec in args.serve:
-        label, _, flags = spec.partition("=")
-        server = SpawnedServer(shlex.split(flags))
+        label, flags = serve_spec(spec)
+        server = SpawnedServer(flags)
         try:
             results += asyncio.run(run_suite(label, server.address, args, sentences))
         finally:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import grpc
-from loadgen import REPO, SpawnedServer, percentile, read_sentences  # benchmarks/loadgen.py
+from loadgen import REPO, TEST_SOURCES, SpawnedServer, percentile, read_sentences, serve_spec  # benchmarks/loadgen.py
 
 from service.proto import translate_pb2 as pb
 from service.proto import translate_pb2_grpc as pb_grpc
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each segment")
     p.add_argument("--segments", type=int, default=3, help="idle and mixed phases alternate this many times")
     p.add_argument("--fixed-calls", type=int, default=12, help="phase 3: calls per long caller (5x per short one)")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
+    p.add_argument("--data", type=Path, default=TEST_SOURCES)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mixed_load")
     args = p.parse_args(argv)
     captions = read_sentences(args.data, 1000)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     long = [" ".join(captions[i:i + 5]) for i in range(0, 500, 5)]
     rows = []
     for spec in args.serve:
-        label, _, flags = spec.partition("=")
-        server = SpawnedServer(flags.strip('"').split())
+        label, flags = serve_spec(spec)
+        server = SpawnedServer(flags)
         try:
             idle, mixed = phases(server.address, short, long, args)
             fixed_s = asyncio.run(fixed_work(server.address, short, long, args))

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loadgen import REPO, Load, SpawnedServer, closed_loop, read_sentences  # benchmarks/loadgen.py
+from loadgen import TEST_SOURCES, Load, SpawnedServer, closed_loop, read_sentences, serve_spec  # benchmarks/loadgen.py
 
 from service.proto import translate_pb2 as pb
 
@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--duration-s", type=float, default=10.0)
     p.add_argument("--metrics-port", type=int, default=9556)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
+    p.add_argument("--data", type=Path, default=TEST_SOURCES)
     args = p.parse_args(argv)
     captions = read_sentences(args.data, 1000)
     print("| server | sent/s | decoder s | calls | rows/call | us/row-step | row-steps/token | encoder s | "
           "encoder calls |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for _ in range(args.rounds):
         for spec in args.serve:
-            label, _, flags = spec.partition("=")
-            server = SpawnedServer([*flags.strip('"').split(), "--metrics-port", str(args.metrics_port)])
+            label, flags = serve_spec(spec)
+            server = SpawnedServer([*flags, "--metrics-port", str(args.metrics_port)])
             try:
                 asyncio.run(drive(server.address, captions, args.callers, args.beam_size, 3.0))
                 before, started = scrape(args.metrics_port), time.monotonic()

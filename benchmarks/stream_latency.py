@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import grpc
-from loadgen import REPO, SpawnedServer, percentile, read_sentences  # benchmarks/loadgen.py
+from loadgen import REPO, TEST_SOURCES, SpawnedServer, percentile, read_sentences  # benchmarks/loadgen.py
 
 from service.proto import translate_pb2 as pb
 from service.proto import translate_pb2_grpc as pb_grpc
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", default="1,4")
     p.add_argument("--sentences", type=int, default=200, help="sentences sent per beam")
     p.add_argument("--min-tokens", type=int, default=20, help="count only translations this long or longer")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.de.gz")
+    p.add_argument("--data", type=Path, default=TEST_SOURCES)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stream_latency")
     args = p.parse_args(argv)
     sentences = read_sentences(args.data, 1000)
