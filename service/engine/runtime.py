@@ -116,8 +116,8 @@ class DecoderState:
     binding: Any = None  # the decoder's IO binding for this loop: everything stays bound, see OrtModel.step
     io: StepBuffers | None = None  # the host buffers bound now
     reshaped: bool = False  # sentences joined or the cache moved since the last bind: bind again
-    # CPU, once sentences have joined a running loop: the arrays behind cross, src_mask and cache, with room
-    # for more sentences (cross, src_mask, cache are their first B / B*K rows); None: exact-size arrays
+    # CPU, once sentences have joined or left: the arrays behind cross, src_mask and cache, with room for
+    # more sentences (cross, src_mask, cache are their first B / B*K rows); None: exact-size arrays
     spare: _Spare | None = None
 
     @property
@@ -140,6 +140,17 @@ def _nbytes(value: Any) -> int:
         return int(value.nbytes)
     shape = value.shape()
     return int(np.prod(shape)) * (2 if "16" in value.data_type() else 4)
+
+
+def _runs(to: np.ndarray, source: np.ndarray) -> list[tuple[int, int, int]]:
+    """(p, q, length) for each run of consecutive positions `to` whose `source` positions are consecutive too:
+    copying source[q : q + length] to [p : p + length] moves them in one slice."""
+    if not to.size:
+        return []
+    cut = np.flatnonzero((np.diff(to) != 1) | (np.diff(source) != 1)) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [to.size]])
+    return [(int(to[a]), int(source[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
 
 
 class OrtModel:
@@ -228,7 +239,7 @@ class OrtModel:
             binding.bind_output(name, self.device)
         self.encoder.run_with_iobinding(binding)
         cross: list[Any] = binding.get_outputs()
-        if self.device == CPU:  # one copy per batch; then gathers copy only the survivors
+        if self.device == CPU:  # host arrays; sentences that stay then move within them
             cross = [v.numpy() for v in cross]
         src_mask = (src_ids != self.entry.config.pad_id).astype(np.int32)
         return DecoderState(cross, src_mask, np.zeros(src_ids.shape[0], dtype=np.int64))
@@ -442,12 +453,16 @@ class OrtModel:
 
     def _keep_sentences(self, state: DecoderState, keep: np.ndarray) -> None:
         """Only the sentences `keep` (indices of the previous step's, in their new order) stay: their rows,
-        cross K/V, masks. With room kept (state.spare), sentence p is moved only where keep[p] != p."""
+        cross K/V, masks. On CPU they move within the arrays they are in (which keep their room): sentence
+        p is copied only where keep[p] != p, in runs, and nothing is allocated. A request-level batch
+        (keep increasing) moves the sentences after the first that left; a loop (`fill_holes`) only those
+        past the new end."""
         state.start = state.start[keep]
         if state.indirection is not None:
             state.indirection = np.ascontiguousarray(state.indirection[keep])
-        spare = state.spare
-        if spare is None or (state.cache is not None and not spare.cache):
+        n = keep.size
+        moved = np.flatnonzero(keep != np.arange(n))
+        if self.device != CPU or (moved.size and (keep[moved] < moved).any()):  # a move could overwrite one
             state.cross = self._gather(state.cross, keep)
             state.src_mask = np.ascontiguousarray(state.src_mask[keep])
             if state.cache is not None:
@@ -455,17 +470,19 @@ class OrtModel:
                 state.cache = self._gather(state.cache, rows)
             state.spare = None
             return
+        spare = state.spare
+        if spare is None or (state.cache is not None and not spare.cache):  # the arrays in use become the room
+            spare = state.spare = _Spare(list(state.cross), state.src_mask, list(state.cache or []),
+                                         state.src_mask.shape[0])
         k = max(state.beams, 1)
-        for p, q in enumerate(keep.tolist()):
-            if p == q:
-                continue
+        for p, q, length in _runs(moved, keep[moved]):
             for base in spare.cross:
-                base[p] = base[q]
-            spare.src_mask[p] = spare.src_mask[q]
+                base[p: p + length] = base[q: q + length]
+            spare.src_mask[p: p + length] = spare.src_mask[q: q + length]
             if state.cache is not None:
                 for base in spare.cache:
-                    base[p * k: (p + 1) * k] = base[q * k: (q + 1) * k]
-        self._views(state, keep.size)
+                    base[p * k: (p + length) * k] = base[q * k: (q + length) * k]
+        self._views(state, n)
 
     def _widen(self, state: DecoderState, beams: int) -> None:
         """The cache from state.beams to `beams` rows per sentence (a beam search after its first step): the

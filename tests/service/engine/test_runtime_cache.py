@@ -118,3 +118,34 @@ def test_a_finished_sentence_leaves_and_the_others_continue_unchanged(runtime: O
         for row, s in enumerate(live):
             np.testing.assert_allclose(scores.topk_log_probs[row], alone[s][t].topk_log_probs[0], atol=1e-5)
     assert state.cache is not None and state.cache[0].shape[0] == 2
+
+
+@pytest.mark.parametrize("events", [
+    {2: [0, 2, 3, 4], 4: [1, 3]},  # a request-level batch: survivors in order, moved in runs
+    {2: [0, 4, 2, 3], 4: [2, 1, 0]},  # a loop's `fill_holes`: the last fill the holes, then a sentence moves left
+    {2: [3, 1, 0]},  # a sentence moving right could overwrite another: gathered into new arrays instead
+])
+def test_sentences_that_stay_move_within_their_arrays_and_decode_unchanged(runtime: OrtModel,
+                                                                            events: dict[int, list[int]]) -> None:
+    cfg = runtime.entry.config
+    rng = np.random.default_rng(5)
+    sources = [rng.integers(4, cfg.vocab_size, n).tolist() for n in (3, 6, 2, 5, 4)]
+    toks = [[cfg.bos_id, *rng.integers(4, cfg.vocab_size, 6).tolist()] for _ in sources]
+    alone = [_alone(runtime, s, t) for s, t in zip(sources, toks, strict=True)]
+    state = runtime.encode(_src(runtime, *sources))
+    live = list(range(len(sources)))
+    for t in range(7):
+        keep = events.get(t)
+        if keep is None:
+            scores = _step(runtime, state, t, [toks[s][t] for s in live])
+        else:
+            before = [*state.cross, *state.cache]
+            live = [live[q] for q in keep]
+            index = np.array(keep)
+            scores = runtime.step(state, StepRequest(t, np.array([[toks[s][t]] for s in live]), index, index, TOPK))
+            in_place = all(keep[p] >= p for p in range(len(keep)))
+            after = [*state.cross, *state.cache]
+            assert [np.shares_memory(a, b) for a, b in zip(before, after, strict=True)] == [in_place] * len(after)
+            assert state.cache[0].shape[0] == len(keep)
+        for row, s in enumerate(live):
+            np.testing.assert_allclose(scores.topk_log_probs[row], alone[s][t].topk_log_probs[0], atol=1e-5)
