@@ -17,7 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIECE_MIB=${PIECE_MIB:-60}
-EXCLUDE=.git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+HOOK=$(git rev-parse --git-path hooks)/pre-commit
+MARK=$(git rev-parse --git-path gpu-kit-hook)  # the hook is ours to remove
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
@@ -48,12 +50,20 @@ case "${1:-}" in
     git diff --quiet --cached || { echo "commit or unstage your changes first" >&2; exit 1; }
     grep -qx '/models/' "$EXCLUDE" || echo '/models/' >>"$EXCLUDE"
     git rm -r -q --cached models
+    if [ ! -e "$HOOK" ]; then  # no commit can drop the model while it is untracked
+      mkdir -p "$(dirname "$HOOK")"
+      printf '#!/bin/sh\necho "models/ is untracked for the GPU calls: benchmarks/gpu/kit.sh restore first" >&2\nexit 1\n' \
+        >"$HOOK"
+      chmod +x "$HOOK"
+      touch "$MARK"
+    fi
     echo "models/ untracked and ignored until 'benchmarks/gpu/kit.sh restore': do not commit in between"
     echo "the tree that travels now: $(git ls-files -z -co --exclude-standard | du --files0-from=- -cb | tail -1 | cut -f1) bytes"
     ;;
   restore)
     sed -i '\#^/models/$#d' "$EXCLUDE"
     git reset -q -- models
+    if [ -e "$MARK" ]; then rm -f "$HOOK" "$MARK"; fi
     git status --short models
     ;;
   *)
