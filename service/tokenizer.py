@@ -11,7 +11,6 @@ what transformers' MarianTokenizer gives (tests/service/test_tokenizer_marian.py
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -33,6 +32,10 @@ class Tokenizer:
         if ids != [0, 1, 2, 3]:
             raise ValueError(f"tokenizer special ids must be pad/bos/eos/unk = 0/1/2/3, got {ids}")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        # starts_word's ids: the tokens whose text starts with whitespace (one decode of the vocabulary, a few
+        # ms, here rather than on the event loop at the first streamed prefix), and eos
+        texts = hf.decode_batch([[i] for i in range(hf.get_vocab_size())], skip_special_tokens=False)
+        self._word_starts = frozenset(i for i, t in enumerate(texts) if t[:1].isspace()) | {self.eos_id}
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -70,12 +73,6 @@ class Tokenizer:
         """Whether `token_id` leaves the word before it complete: its text starts with whitespace, or it is
         eos (the end of the text). Streaming shows a word once every hypothesis goes on with such a token."""
         return token_id in self._word_starts
-
-    @functools.cached_property
-    def _word_starts(self) -> frozenset[int]:
-        """starts_word's ids, found on first use (one decode of the whole vocabulary)."""
-        texts = self._hf.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
-        return frozenset(i for i, t in enumerate(texts) if t[:1].isspace()) | {self.eos_id}
 
 
 SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-boundary mark
