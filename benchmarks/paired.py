@@ -28,16 +28,14 @@ import time
 from pathlib import Path
 
 import grpc
+from loadgen import REPO, TEST_SOURCES, SpawnedServer, percentile, read_sentences, serve_spec  # benchmarks/loadgen.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import REPO, TEST_SOURCES, SpawnedServer, percentile, read_sentences, serve_spec  # noqa: E402
-
-from service.proto import translate_pb2 as pb  # noqa: E402
-from service.proto import translate_pb2_grpc as pb_grpc  # noqa: E402
+from service.proto import translate_pb2 as pb
+from service.proto import translate_pb2_grpc as pb_grpc
 
 
 def run(stubs: dict[str, pb_grpc.TranslatorStub], sentences: list[str], calls: int, warmup: int,
-        beam_size: int, progress: bool) -> dict[str, list[float]]:
+        beam_size: int) -> dict[str, list[float]]:
     """Latency in ms of each measured call, per server label, in sentence order."""
     options = pb.DecodingOptions(beam_size=beam_size)
     latency: dict[str, list[float]] = {label: [] for label in stubs}
@@ -48,27 +46,26 @@ def run(stubs: dict[str, pb_grpc.TranslatorStub], sentences: list[str], calls: i
             stub.Translate(request, timeout=60)
             if i >= warmup:
                 latency[label].append((time.perf_counter() - started) * 1000)
-        if progress and (i + 1) % 100 == 0:
-            print(f"  {i + 1 - warmup if i >= warmup else 0}/{calls} rounds", file=sys.stderr, flush=True)
+        if (i + 1) % 100 == 0:
+            print(f"  {max(0, i + 1 - warmup)}/{calls} rounds", file=sys.stderr, flush=True)
     return latency
 
 
 def report(latency: dict[str, list[float]], baseline: str) -> tuple[str, dict[str, dict[str, float]]]:
     rows = ["| server | calls | sent/s | p50 ms | p90 ms | p99 ms | mean ms | latency / " + baseline
             + " (median per sentence) | sent/s / " + baseline + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rate = {label: len(values) / (sum(values) / 1000) for label, values in latency.items()}  # a lone caller's
     stats: dict[str, dict[str, float]] = {}
-    base = latency[baseline]
     for label, values in latency.items():
         s = sorted(values)
-        rate = len(values) / (sum(values) / 1000)
-        ratio = statistics.median(v / b for v, b in zip(values, base, strict=True))
-        stats[label] = {"calls": len(values), "sentences_per_s": rate, "p50_ms": percentile(s, 0.5),
-                        "p90_ms": percentile(s, 0.9), "p99_ms": percentile(s, 0.99), "mean_ms": sum(s) / len(s),
-                        "latency_ratio_median": ratio}
-        stats[label]["rate_ratio"] = rate / (len(base) / (sum(base) / 1000))
-        st = stats[label]
-        rows.append(f"| {label} | {len(values)} | {rate:.1f} | {st['p50_ms']:.1f} | {st['p90_ms']:.1f} | "
-                    f"{st['p99_ms']:.1f} | {st['mean_ms']:.1f} | {ratio:.3f} | {st['rate_ratio']:.3f}x |")
+        st = stats[label] = {
+            "calls": len(values), "sentences_per_s": rate[label], "p50_ms": percentile(s, 0.5),
+            "p90_ms": percentile(s, 0.9), "p99_ms": percentile(s, 0.99), "mean_ms": sum(s) / len(s),
+            "latency_ratio_median": statistics.median(v / b for v, b in zip(values, latency[baseline], strict=True)),
+            "rate_ratio": rate[label] / rate[baseline]}
+        rows.append(f"| {label} | {len(values)} | {rate[label]:.1f} | {st['p50_ms']:.1f} | {st['p90_ms']:.1f} | "
+                    f"{st['p99_ms']:.1f} | {st['mean_ms']:.1f} | {st['latency_ratio_median']:.3f} | "
+                    f"{st['rate_ratio']:.3f}x |")
     return "\n".join(rows), stats
 
 
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(SpawnedServer(flags))
         channels = [grpc.insecure_channel(s.address) for s in servers]
         stubs = {label: pb_grpc.TranslatorStub(ch) for label, ch in zip(labels, channels, strict=True)}
-        latency = run(stubs, sentences, args.calls, args.warmup, args.beam_size, progress=True)
+        latency = run(stubs, sentences, args.calls, args.warmup, args.beam_size)
     finally:
         for ch in channels:
             ch.close()
