@@ -48,8 +48,8 @@ async def caller(stub: pb_grpc.TranslatorStub, texts: list[str], beam: int, unti
 
 
 async def phase(address: str, short: list[str], long: list[str], args: argparse.Namespace,
-                with_long: bool, duration_s: float) -> tuple[list[float], int, float]:
-    """(the short calls' latencies after the warm-up, long calls done, seconds the phase ran)."""
+                with_long: bool, duration_s: float) -> tuple[list[float], int]:
+    """(the short calls' latencies after the warm-up, long calls done); the phase runs warmup_s + duration_s."""
     beams = [int(b) for b in args.beams.split(",")]
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     stubs = [pb_grpc.TranslatorStub(ch) for ch in channels]
@@ -69,25 +69,26 @@ async def phase(address: str, short: list[str], long: list[str], args: argparse.
     for ch in channels:
         await ch.close()
     done_long = sum(int(r) for r in results[len(tasks):]) if with_long else 0
-    return measured, done_long, args.warmup_s + duration_s
+    return measured, done_long
 
 
 def phases(address: str, short: list[str], long: list[str], args: argparse.Namespace) -> tuple[dict[str, float], ...]:
     """Idle and mixed, in `--segments` alternating pairs of duration_s / segments each (the machine's drifts
     then hit both phases alike); the stats of each phase over all its segments."""
-    runs: dict[bool, tuple[list[float], int, float]] = {False: ([], 0, 0.0), True: ([], 0, 0.0)}
+    segment_s = args.duration_s / args.segments
+    latencies: dict[bool, list[float]] = {False: [], True: []}
+    long_done = {False: 0, True: 0}
     for _ in range(args.segments):
         for with_long in (False, True):
-            lat, done, seconds = asyncio.run(phase(address, short, long, args, with_long,
-                                                   args.duration_s / args.segments))
-            old = runs[with_long]
-            runs[with_long] = (old[0] + lat, old[1] + done, old[2] + seconds)
+            lat, done = asyncio.run(phase(address, short, long, args, with_long, segment_s))
+            latencies[with_long] += lat
+            long_done[with_long] += done
+    seconds = args.segments * (args.warmup_s + segment_s)
     out = []
     for with_long in (False, True):
-        measured, done_long, seconds = runs[with_long]
-        measured.sort()
+        measured = sorted(latencies[with_long])
         out.append({"short_p50_ms": 1000 * percentile(measured, 0.5), "short_p99_ms": 1000 * percentile(measured, 0.99),
-                    "short_calls": len(measured), "long_calls_per_s": done_long / seconds})
+                    "short_calls": len(measured), "long_calls_per_s": long_done[with_long] / seconds})
     return tuple(out)
 
 

@@ -291,8 +291,8 @@ class LoopScheduler:
         taken: list[_Item] = []
         reduced = 0
         overload = cfg.overload_queue_wait_s
-        i, scanned = 0, 0
-        while i < len(self._queue) and scanned < cfg.max_live_rows * self._workers:
+        i = 0  # queued sentences passed over (left for a loop of their kind); taken ones leave the queue
+        while i < min(len(self._queue), cfg.max_live_rows * self._workers):
             it = self._queue[i]
             if it.future.done():  # its call was cancelled while queued (Ticket.cancel had not run yet)
                 del self._queue[i]
@@ -300,7 +300,7 @@ class LoopScheduler:
                     self._observer.on_dropped(_drop_reason(it.ticket, time.monotonic()))
                 continue
             if skip is not None and self._is_long(it.ids) == skip and now - it.enqueued_at < cfg.split_wait_s:
-                i, scanned = i + 1, scanned + 1  # left for a loop of its kind
+                i += 1
                 continue
             options = it.options
             if overload > 0 and now - it.enqueued_at > overload:
