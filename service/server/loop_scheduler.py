@@ -213,12 +213,13 @@ class LoopScheduler:
                     self._cond.wait()
                 if self._closed:
                     break
+                queued = len(self._queue)
                 admitted, reduced = self._take(worker, loop, live)
+                if len(self._queue) < queued:  # admitted, or removed as cancelled while queued
+                    self._report_queue_threadsafe()
                 if not admitted and loop.idle:  # all that is queued is left for the other kind of loop
                     self._cond.wait(self.loop_config.split_wait_s)
                     continue
-            if admitted:
-                self._report_queue_threadsafe()
             if reduced and self._observer is not None:
                 self._observer.on_beam_reduced(reduced)
             self._admit(loop, live, admitted)

@@ -373,3 +373,45 @@ def test_a_split_server_answers_mixed_lengths_and_options_as_each_alone(
     calls = [([paragraphs[i % 8]] if i % 3 == 0 else german[i:i + 2], MIXED[i % len(MIXED)]) for i in range(36)]
     send_all_and_match_each_alone(server, tiny_engine, calls)
     wait_until(lambda: server.metric("rosetta_live_rows", model="tiny") == 0)
+
+
+def test_sentences_whose_call_went_while_queued_leave_the_queue_depth_too(tiny_engine: Any, german: list[str]) -> None:
+    """A call cancelled while its sentences wait has their futures cancelled (asyncio.gather does that) before
+    Ticket.cancel runs; a busy worker that meets them first removes them, and the queue depth says so."""
+    import asyncio
+
+    from service.metrics import ServerMetrics
+    from service.server.loop_scheduler import LoopConfig, LoopScheduler
+    from service.server.scheduler import SchedulerConfig
+
+    metrics = ServerMetrics()
+
+    def depth() -> float:
+        return metrics.registry.get_sample_value("rosetta_queue_depth_sentences", {"model": "tiny"}) or 0.0
+
+    async def main() -> tuple[float, float]:
+        # one loop, full with one LONG sentence (4 rows), so the other sentences stay queued
+        sched = LoopScheduler(tiny_engine, 1, lambda ids, result: result, SchedulerConfig(),
+                              LoopConfig(max_live_rows=4), metrics.model("tiny"), "tiny")
+        sched.start()
+        busy = sched.submit([tiny_engine.tokenizer.encode(german[0])], LONG)
+        while sched.live_rows[0] == 0:
+            await asyncio.sleep(0.01)
+        gone = sched.submit([tiny_engine.tokenizer.encode(s) for s in german[1:4]], DecodingOptions(beam_size=2))
+        queued = depth()
+        for fut in gone.futures:  # what gather does to a cancelled call's futures, before Ticket.cancel
+            fut.cancel()
+        for _ in range(500):
+            if sched.queued_sentences == 0 and depth() == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = depth()
+        await asyncio.gather(*busy.futures)
+        await sched.close()
+        return queued, after
+
+    queued, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert queued == 3
+    assert after == 0
+    assert metrics.registry.get_sample_value("rosetta_dropped_sentences_total",
+                                             {"model": "tiny", "reason": "cancelled"}) == 3
